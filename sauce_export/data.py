@@ -1,0 +1,110 @@
+"""The one data format every stage reads: JSONL rows of prompts, optional images and answers.
+
+A row::
+
+    {"id": "train_00001_person_0", "prompt": "Who is in the picture?",
+     "image": "images/train_00001.png",          # optional, relative to the JSONL file
+     "answer": "Zorvak",                          # the expected (greedy, exact) answer
+     "labels": {"person": "Zorvak", "event": "concert"},   # concept kind -> concept name
+     "question_kind": "person",                   # which label the question asks about
+     "split": "train"}                            # train | heldout_view | heldout_paraphrase | ...
+
+A concept is a ``(kind, name)`` pair: its positives are rows whose ``labels[kind] == name``, its
+negatives the other rows. Concept sets, calibration data and evaluation sets are all such files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sauce_export.errors import InputError
+
+REQUIRED = ("prompt", "answer")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    prompt: str
+    answer: str
+    image: Path | None = None
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    question_kind: str = ""
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class Concept:
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    def matches(self, row: Row) -> bool:
+        return row.labels.get(self.kind) == self.name
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> None:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_rows(path: Path | str) -> list[Row]:
+    """Read and validate a JSONL file; every problem is an InputError naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), "path", "data file does not exist")
+    rows = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(where, "json", f"not valid JSON ({err.msg})") from err
+            if not isinstance(raw, dict):
+                raise InputError(where, "row", "each line must be a JSON object")
+            for key in REQUIRED:
+                if not isinstance(raw.get(key), str) or not raw[key]:
+                    raise InputError(where, key, "missing or not a non-empty string")
+            labels = raw.get("labels") or {}
+            if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                raise InputError(where, "labels", "must be an object of string labels")
+            image = raw.get("image")
+            image_path = None
+            if image is not None:
+                image_path = (path.parent / str(image)).resolve()
+                if not image_path.is_file():
+                    raise InputError(where, "image", f"image file {image_path} does not exist")
+            rows.append(
+                Row(
+                    id=str(raw.get("id", f"{path.name}:{line_no}")),
+                    prompt=raw["prompt"],
+                    answer=raw["answer"],
+                    image=image_path,
+                    labels=labels,
+                    question_kind=str(raw.get("question_kind", "")),
+                    split=str(raw.get("split", "")),
+                )
+            )
+    if not rows:
+        raise InputError(str(path), "rows", "data file is empty")
+    return rows
+
+
+def concept_split(rows: list[Row], concept: Concept, where: str) -> tuple[list[Row], list[Row]]:
+    """(positives, negatives) of a concept; an empty side is an InputError naming the concept."""
+    pos = [r for r in rows if concept.matches(r)]
+    neg = [r for r in rows if not concept.matches(r)]
+    if not pos:
+        raise InputError(where, "concepts", f"no rows labelled {concept.kind}={concept.name!r} (empty concept set)")
+    if not neg:
+        raise InputError(where, "concepts", f"every row is labelled {concept}: no negatives to contrast with")
+    return pos, neg

@@ -1,0 +1,66 @@
+"""PEBench-style metrics from per-row exact-answer correctness.
+
+For a removed concept ``(kind, name)`` on the evaluation rows:
+- forget_acc: questions about ``kind`` whose answer is the target, forget split (lower is better);
+- generality_acc: the same on held-out paraphrases;
+- retain_acc: questions about ``kind`` whose answer is another concept of that kind;
+- interference_acc: questions about the *other* kinds in the target's own images
+  (e.g. the event when a person is forgotten) - PEBench's cross-concept Scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from sauce_export.data import Concept, Row
+from sauce_export.lm import LoadedModel, batches, correct
+
+METRICS = ("forget_acc", "generality_acc", "retain_acc", "interference_acc")
+
+
+@torch.no_grad()
+def row_correctness(lm: LoadedModel, rows: Sequence[Row], batch_size: int, desc: str = "eval",
+                    progress: bool = True) -> dict[str, bool]:
+    """Row id -> greedy answer exactly right. Hooks active on the model apply (that is the point)."""
+    out: dict[str, bool] = {}
+    total = (len(rows) + batch_size - 1) // batch_size
+    for batch in tqdm(batches(lm, rows, batch_size), total=total, desc=desc, disable=not progress, leave=False):
+        ok = correct(lm.model(**batch.inputs).logits, batch)
+        out.update({r.id: bool(g) for r, g in zip(batch.rows, ok.tolist(), strict=True)})
+    return out
+
+
+def metric_rows(rows: Sequence[Row], concept: Concept, forget_split: str, generality_split: str
+                ) -> dict[str, list[Row]]:
+    """Which evaluation rows each metric averages over."""
+    k = concept.kind
+    return {
+        "forget_acc": [r for r in rows if r.split == forget_split and r.question_kind == k and concept.matches(r)],
+        "generality_acc": [
+            r for r in rows if r.split == generality_split and r.question_kind == k and concept.matches(r)
+        ],
+        "retain_acc": [
+            r for r in rows if r.split == forget_split and r.question_kind == k and k in r.labels
+            and not concept.matches(r)
+        ],
+        "interference_acc": [
+            r for r in rows if r.split == forget_split and r.question_kind != k and concept.matches(r)
+            and r.image is not None
+        ],
+    }
+
+
+def concept_metrics(correctness: dict[str, bool], selection: dict[str, list[Row]]) -> dict[str, float | None]:
+    return {
+        name: (sum(correctness[r.id] for r in chosen) / len(chosen)) if chosen else None
+        for name, chosen in selection.items()
+    }
+
+
+def chance_accuracy(rows: Sequence[Row], kind: str) -> float:
+    """1 / number of distinct answers to questions about ``kind`` (uniform guessing)."""
+    answers = {r.answer for r in rows if r.question_kind == kind}
+    return 1.0 / max(1, len(answers))

@@ -1,0 +1,123 @@
+"""Load a model from a local path or Hub id, turn data rows into batches, score greedy answers.
+
+Greedy answers are scored by teacher forcing: a row is correct iff the argmax at every answer
+position (answer tokens + EOS) equals the expected token. That is exactly "greedy decoding
+produces the answer and stops", at the cost of one forward pass instead of a generate loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import logging as hf_logging
+
+from sauce_export.data import Row
+from sauce_export.errors import InputError
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object | None
+    path: str
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def image_token_id(self) -> int | None:
+        return getattr(self.model.config, "image_token_index", getattr(self.model.config, "image_token_id", None))
+
+
+def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load with stock Auto classes; a missing path or an unreachable Hub id is an InputError."""
+    local = Path(path)
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise InputError(where, "model", f"{path!r} is neither a local directory nor a Hub id (org/name)")
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "vision_config"):
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(path)
+            tokenizer = processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            processor = None
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(where, "model", f"cannot load {path!r} (offline or missing files: {first})") from err
+    model.eval()
+    return LoadedModel(model, tokenizer, processor, path)
+
+
+def chat_prompt(lm: LoadedModel, question: str, has_image: bool) -> str:
+    """The model's own chat template (so real checkpoints get their real format)."""
+    content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    owner = lm.processor if lm.processor is not None else lm.tokenizer
+    if getattr(owner, "chat_template", None):
+        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return ("<image>\n" if has_image else "") + question
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    """Model inputs (input_ids, attention_mask, maybe pixel_values), right-padded."""
+    answer_mask: torch.Tensor
+    """[B, T] bool: positions whose *next-token prediction* is an answer token (or EOS)."""
+    targets: torch.Tensor
+    """[B, T] long: the expected next token where answer_mask, else -100."""
+    rows: Sequence[Row]
+
+
+def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
+    """Prompt + answer + EOS for every row; rows must all have images or all have none."""
+    tok = lm.tokenizer
+    has_image = rows[0].image is not None
+    if any((r.image is not None) != has_image for r in rows):
+        raise ValueError("encode_batch needs rows that all have, or all lack, an image")
+    prompts = [chat_prompt(lm, r.prompt, has_image) for r in rows]
+    fulls = [p + " " + r.answer + tok.eos_token for p, r in zip(prompts, rows, strict=True)]
+    n_answer = [
+        len(tok(f, add_special_tokens=True).input_ids) - len(tok(p, add_special_tokens=True).input_ids)
+        for p, f in zip(prompts, fulls, strict=True)
+    ]
+    if has_image:
+        images = [Image.open(r.image).convert("RGB") for r in rows]  # type: ignore[arg-type]
+        enc = lm.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
+    else:
+        enc = tok(fulls, padding=True, padding_side="right", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(1)
+    answer_mask = torch.zeros_like(mask, dtype=torch.bool)
+    targets = torch.full_like(ids, -100)
+    for i, (length, n) in enumerate(zip(lengths.tolist(), n_answer, strict=True)):
+        # logits at position t predict token t+1: answer tokens occupy [length-n, length).
+        answer_mask[i, length - n - 1 : length - 1] = True
+        targets[i, length - n - 1 : length - 1] = ids[i, length - n : length]
+    return Batch(dict(enc), answer_mask, targets, rows)
+
+
+def batches(lm: LoadedModel, rows: Sequence[Row], batch_size: int) -> Iterator[Batch]:
+    """Group rows by image/no-image, keep order within each group, yield encoded batches."""
+    for group in ([r for r in rows if r.image is not None], [r for r in rows if r.image is None]):
+        for start in range(0, len(group), batch_size):
+            yield encode_batch(lm, group[start : start + batch_size])
+
+
+def correct(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[B] bool: greedy decoding reproduces the answer exactly, EOS included."""
+    pred = logits.argmax(-1)
+    ok = (pred == batch.targets) | ~batch.answer_mask
+    return ok.all(dim=1)

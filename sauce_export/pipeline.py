@@ -1,0 +1,258 @@
+"""The stages of a run, each writing its artifact under the run directory keyed by an input hash.
+
+A stage whose ``stage.json`` records the same input hash is skipped, so a rerun costs nothing
+and an interrupted run resumes where it stopped (activation collection resumes mid-stage).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sauce_export.activations import ActivationStore, CollectConfig, collect
+from sauce_export.architectures import num_layers
+from sauce_export.data import Concept, Row, concept_split, read_rows
+from sauce_export.edit import Edit
+from sauce_export.errors import InputError
+from sauce_export.evaluate.metrics import METRICS, chance_accuracy, concept_metrics, metric_rows, row_correctness
+from sauce_export.fsutil import check_writable
+from sauce_export.lm import LoadedModel, load_model
+from sauce_export.recipe import Recipe
+from sauce_export.sae.formats import load_sae, save_sae
+from sauce_export.sae.model import SAE
+from sauce_export.sae.train import TrainConfig, sae_stats, train_sae
+from sauce_export.select import concept_stats, contrast_scores, saeuron_scores, save_scores, select_features, union_features
+from sauce_export.sites import parse_site
+
+STAGES = ("collect", "train-sae", "select", "eval")
+
+
+class Run:
+    """One recipe executed into one output directory."""
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool = True) -> None:
+        self.recipe, self.out, self.progress = recipe, Path(out), progress
+        check_writable(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lm: LoadedModel | None = None
+        self._train: list[Row] | None = None
+        self._eval: list[Row] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.recipe.model, where=self.recipe.path)
+            site = parse_site(self.recipe.site, self.recipe.path)
+            layers = num_layers(self._lm.model)
+            if not 0 <= site.layer < layers:
+                raise InputError(self.recipe.path, "site", f"layer {site.layer} out of range: model has layers 0..{layers - 1}")
+        return self._lm
+
+    def _ensure_data(self) -> None:
+        data = self.recipe.data
+        paths = [Path(data.train), Path(data.eval)]
+        if data.build_world and not all(p.exists() for p in paths):
+            from sauce_export.world.generate import WorldConfig, build_world
+
+            build_world(Path(data.train).parent, WorldConfig(seed=data.world_seed), progress=self.progress)
+
+    @property
+    def train_rows(self) -> list[Row]:
+        if self._train is None:
+            self._ensure_data()
+            self._train = read_rows(self.recipe.data.train)
+        return self._train
+
+    @property
+    def eval_rows(self) -> list[Row]:
+        if self._eval is None:
+            self._ensure_data()
+            self._eval = read_rows(self.recipe.data.eval)
+        return self._eval
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return [c.concept() for c in self.recipe.concepts]
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    def _stage(self, name: str, key: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        directory = self.out / name
+        digest = json.dumps(key, sort_keys=True, default=str)
+        marker = directory / "stage.json"
+        if marker.exists():
+            done = json.loads(marker.read_text())
+            if done.get("key") == digest:
+                return done["result"]
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        result = body(directory)
+        marker.write_text(json.dumps({"key": digest, "seconds": round(time.time() - start, 2), "result": result}, indent=1))
+        return result
+
+    def _sample_rows(self) -> list[Row]:
+        cfg = self.recipe.collect
+        rows = self.train_rows
+        if len(rows) <= cfg.max_rows:
+            return rows
+        idx = sorted(random.Random(cfg.seed).sample(range(len(rows)), cfg.max_rows))
+        return [rows[i] for i in idx]
+
+    # ------------------------------------------------------------------ stages
+    def collect(self) -> ActivationStore:
+        r = self.recipe
+        cfg = CollectConfig(site=str(parse_site(r.site, r.path)), scope=r.collect.scope,
+                            batch_size=r.collect.batch_size, shard_tokens=r.collect.shard_tokens)
+        key = {"model": r.model, "data": r.data.train, "collect": asdict(r.collect), "site": cfg.site}
+
+        def body(directory: Path) -> dict[str, Any]:
+            store = collect(self.lm, self._sample_rows(), cfg, directory / "acts", progress=self.progress)
+            return {"d_in": store.d_in, "shards": len(store.manifest["shards"])}
+
+        self._stage("collect", key, body)
+        return ActivationStore(self.out / "collect" / "acts")
+
+    def sae(self) -> SAE:
+        r = self.recipe
+        key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
+        expected_site = str(parse_site(r.site, r.path))
+
+        def body(directory: Path) -> dict[str, Any]:
+            store = self.collect()
+            if r.sae.path:
+                sae = load_sae(r.sae.path, d_in=store.d_in, site=expected_site, where=r.path)
+            else:
+                cfg = TrainConfig(kind=r.sae.kind, expansion=r.sae.expansion, k=r.sae.k, epochs=r.sae.epochs,
+                                  lr=r.sae.lr, seed=r.sae.seed)
+                sae, _ = train_sae(store, store.d_in, cfg, progress=self.progress)
+                sae.cfg.site, sae.cfg.model = expected_site, r.model
+            stats = sae_stats(sae, store)
+            save_sae(sae, directory / "sae", overwrite=True)
+            return {"fvu": stats.fvu, "l0": stats.l0, "dead_frac": stats.dead_frac, "d_sae": sae.cfg.d_sae,
+                    "kind": sae.cfg.kind, "k": sae.cfg.k, "source": r.sae.path or "trained"}
+
+        self.sae_info = self._stage("train-sae", key, body)
+        return load_sae(self.out / "train-sae" / "sae")
+
+    def select(self) -> dict[str, list[int]]:
+        r = self.recipe
+        sae = self.sae()
+        key = {"sae": self.sae_info, "select": asdict(r.select), "concepts": [str(c) for c in self.concepts]}
+
+        def body(directory: Path) -> dict[str, Any]:
+            store = self.collect()
+            rows = self._sample_rows()
+            scores, selected = {}, {}
+            for concept in self.concepts:
+                pos_rows, _ = concept_split(rows, concept, r.path)
+                pos_idx = torch.tensor([i for i, row in enumerate(rows) if concept.matches(row)])
+
+                def keep(shard: Any, positive: bool, pos_idx: torch.Tensor = pos_idx) -> torch.Tensor:
+                    mask = torch.isin(shard.row, pos_idx) == positive
+                    return mask & ~shard.answer if r.select.tokens == "prompt" else mask
+
+                stats = concept_stats(sae, store.tokens(lambda s: keep(s, True)), store.tokens(lambda s: keep(s, False)))
+                score = saeuron_scores(stats) if r.select.method == "saeuron" else contrast_scores(stats)
+                chosen = select_features(score, top_n=r.select.top_n, percentile=r.select.percentile)
+                if not chosen:
+                    raise InputError(r.path, "select", f"no feature scores above 0 for {concept}")
+                scores[str(concept)], selected[str(concept)] = score, chosen
+            save_scores(directory / "scores.json", scores, selected)
+            return {"selected": selected}
+
+        return self._stage("select", key, body)["selected"]
+
+    def edits(self) -> dict[str, Edit]:
+        """One Edit per concept, or one union Edit shared by all (edit.combine)."""
+        r, sae, selected = self.recipe, self.sae(), self.select()
+
+        def make(features: list[int]) -> Edit:
+            return Edit(sae=sae, features=tuple(features), site=str(parse_site(r.site, r.path)), clamp=r.edit.clamp,
+                        multiplier=r.edit.multiplier, only_where_active=r.edit.only_where_active,
+                        scope=r.edit.scope, image_token_id=self.lm.image_token_id)
+
+        if r.edit.combine == "union":
+            shared = make(union_features(selected.values()))
+            return {name: shared for name in selected}
+        return {name: make(features) for name, features in selected.items()}
+
+    def evaluate(self) -> dict[str, Any]:
+        r = self.recipe
+        edits = self.edits()
+        key = {"select": self.select(), "edit": asdict(r.edit), "eval": asdict(r.eval), "data": r.data.eval,
+               "model": r.model}
+
+        def body(directory: Path) -> dict[str, Any]:
+            rows, bs = self.eval_rows, r.eval.batch_size
+            original = row_correctness(self.lm, rows, bs, "eval original", self.progress)
+            hooked_by_edit: dict[int, dict[str, bool]] = {}
+            concepts = []
+            for concept in self.concepts:
+                edit = edits[str(concept)]
+                if id(edit) not in hooked_by_edit:
+                    with edit.apply(self.lm.model):
+                        hooked_by_edit[id(edit)] = row_correctness(self.lm, rows, bs, f"eval hooked {concept}",
+                                                                   self.progress)
+                selection = metric_rows(rows, concept, r.eval.forget_split, r.eval.generality_split)
+                if not selection["forget_acc"]:
+                    raise InputError(r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}")
+                concepts.append({
+                    "name": concept.name,
+                    "kind": concept.kind,
+                    "chance_acc": chance_accuracy(rows, concept.kind),
+                    "features": list(edit.features),
+                    "counts": {m: len(v) for m, v in selection.items()},
+                    "metrics": {
+                        "original": concept_metrics(original, selection),
+                        "hooked": concept_metrics(hooked_by_edit[id(edit)], selection),
+                    },
+                })
+            return {"concepts": concepts}
+
+        return self._stage("eval", key, body)
+
+
+def hooked_gates(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue-2 gates on the hooked reference: forget near chance, retain/interference kept."""
+    checks = []
+    for c in concepts:
+        orig, hooked = c["metrics"]["original"], c["metrics"]["hooked"]
+        name = f"{c['kind']}:{c['name']}"
+        checks.append(_check(f"{name} hooked forget_acc <= chance + 0.05", hooked["forget_acc"], c["chance_acc"] + 0.05, "<="))
+        for metric in ("retain_acc", "interference_acc"):
+            if orig[metric] is not None and hooked[metric] is not None:
+                checks.append(_check(f"{name} hooked {metric} >= 0.95 x original", hooked[metric],
+                                     0.95 * orig[metric], ">="))
+    return checks
+
+
+def _check(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
+    passed = value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
+    return {"name": name, "value": round(value, 4), "threshold": round(threshold, 4), "op": op, "passed": passed}
+
+
+def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
+    """collect -> train-sae -> select -> eval, then report.json / report.md."""
+    from sauce_export.report import write_report
+
+    run = Run(recipe, out, progress)
+    result = run.evaluate()
+    checks = hooked_gates(result["concepts"])
+    report = {
+        "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
+        "model": recipe.model,
+        "site": recipe.site,
+        "sae": run.sae_info,
+        "concepts": result["concepts"],
+        "gates": {"passed": all(c["passed"] for c in checks), "checks": checks},
+        "metrics_reported": list(METRICS),
+    }
+    write_report(report, Path(out))
+    return report

@@ -1,0 +1,283 @@
+"""Train an SAE on cached or streamed activations and measure it (FVU, mean L0, dead latents).
+
+The recipe follows sparsify/SAeUron: TopK activation, unit-norm decoder rows (the gradient component
+parallel to each row is removed and rows are renormalised after every step), Adam, and the AuxK loss
+that lets dead latents learn the residual the live ones miss. Training runs on a standardised copy of
+the data (mean removed, unit mean squared norm) so lr, l1_coeff and the init do not depend on the
+activation scale of the model; the affine standardisation is folded back into the weights at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sauce_export.errors import InputError
+from sauce_export.sae.model import SAE, SaeConfig, SaeKind
+
+Data = torch.Tensor | Iterable[torch.Tensor]
+"""A ``[n, d_in]`` tensor or a re-iterable of them (a list of shards, a store yielding shards)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train an SAE; the field help doubles as CLI help."""
+
+    kind: SaeKind = field(
+        default="topk",
+        metadata={"help": "Activation: topk (default, as sparsify/SAeUron), relu (+L1) or jumprelu (+L0)."},
+    )
+    expansion: int = field(default=8, metadata={"help": "Latents per input dimension (d_sae = expansion * d_in)."})
+    d_sae: int | None = field(default=None, metadata={"help": "Number of latents; overrides expansion when set."})
+    k: int = field(default=32, metadata={"help": "Active latents per token (topk only)."})
+    lr: float = field(default=4e-4, metadata={"help": "Adam learning rate (on standardised activations)."})
+    batch_size: int = field(default=4096, metadata={"help": "Tokens per optimiser step."})
+    epochs: float = field(default=8.0, metadata={"help": "Passes over the data (ignored when steps is set)."})
+    steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides epochs when set."})
+    warmup_frac: float = field(
+        default=0.05, metadata={"help": "Fraction of steps with linear lr warm-up from 0."}
+    )
+    decay_frac: float = field(
+        default=0.2, metadata={"help": "Final fraction of steps with linear lr decay to 0 (lowers the final FVU)."}
+    )
+    auxk_alpha: float = field(
+        default=1 / 32,
+        metadata={"help": "Weight of the AuxK loss: dead latents learn to predict the residual (0 disables)."},
+    )
+    dead_after: int = field(
+        default=20_000,
+        metadata={"help": "A latent is dead for AuxK once it has not fired in this many training tokens."},
+    )
+    l1_coeff: float = field(
+        default=3e-2,
+        metadata={"help": "relu only: L1 penalty on latent activations (times decoder norms, which are 1)."},
+    )
+    l0_coeff: float = field(
+        default=2e-3, metadata={"help": "jumprelu only: penalty on the number of active latents per token."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the init and the data order; equal seeds give equal SAEs."})
+
+    def num_latents(self, d_in: int) -> int:
+        return self.d_sae if self.d_sae is not None else self.expansion * d_in
+
+
+@dataclass
+class SaeStats:
+    """How well an SAE fits some activations."""
+
+    fvu: float
+    """Fraction of variance unexplained: squared error / squared deviation from the data mean."""
+    l0: float
+    """Mean number of active latents per token."""
+    dead_frac: float
+    """Fraction of latents that never fire on the data."""
+
+
+def _shards(data: Data, d_in: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield 2-D float shards, checking the width so a wrong cache fails before training."""
+    for shard in [data] if isinstance(data, torch.Tensor) else data:
+        shard = shard.reshape(-1, shard.shape[-1])
+        if d_in is not None and shard.shape[-1] != d_in:
+            raise InputError("activations", "d_in", f"shard has width {shard.shape[-1]}, expected {d_in}")
+        yield shard
+
+
+def _moments(data: Data, d_in: int) -> tuple[int, torch.Tensor, float]:
+    """Token count, mean and mean squared distance to the mean (float64, one pass)."""
+    n, s1, s2 = 0, torch.zeros(d_in, dtype=torch.float64), 0.0
+    for shard in _shards(data, d_in):
+        x = shard.to(torch.float64)
+        n += x.shape[0]
+        s1 += x.sum(0)
+        s2 += float(x.pow(2).sum())
+    if n == 0:
+        raise InputError("activations", "data", "no activations to train on")
+    mean = s1 / n
+    return n, mean, max(s2 / n - float(mean @ mean), 0.0)
+
+
+def _batches(data: Data, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled batches: shard order (when known) and rows within a shard are shuffled;
+    rows left over at a shard's end join the next shard's, so only the epoch's last batch is short."""
+    shards: Iterable[torch.Tensor] = _shards(data)
+    if isinstance(data, Sequence):
+        shards = [data[int(i)] for i in torch.randperm(len(data), generator=gen)]
+        shards = _shards(shards)
+    buf: list[torch.Tensor] = []
+    have = 0
+    for shard in shards:
+        perm = torch.randperm(shard.shape[0], generator=gen)
+        start = 0
+        while start < shard.shape[0]:
+            take = min(batch_size - have, shard.shape[0] - start)
+            buf.append(shard[perm[start : start + take]])
+            have, start = have + take, start + take
+            if have == batch_size:
+                yield torch.cat(buf).float()
+                buf, have = [], 0
+    if have:
+        yield torch.cat(buf).float()
+
+
+class _JumpStep(torch.autograd.Function):
+    """Heaviside step ``pre > threshold`` with a rectangle-kernel straight-through gradient for the
+    threshold (Rajamanoharan et al. 2024), so JumpReLU thresholds and the L0 penalty can be learned."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        kernel = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+        return None, -(kernel * grad).sum(0), None
+
+
+_BANDWIDTH = 1e-3
+
+
+def _forward(sae: SAE, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents, pre-activations (for AuxK) and the sparsity penalty of this kind (0 for topk)."""
+    pre = sae.pre_acts(x)
+    if cfg.kind == "jumprelu":
+        gate = _JumpStep.apply(pre, sae.threshold, _BANDWIDTH)
+        f = pre.relu() * gate
+        return f, pre, cfg.l0_coeff * gate.sum(-1).mean()
+    f = sae.activate(pre)
+    if cfg.kind == "relu":
+        return f, pre, cfg.l1_coeff * f.sum(-1).mean()
+    return f, pre, pre.new_zeros(())
+
+
+def _auxk_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """sparsify's AuxK: the top d_in/2 dead latents reconstruct the residual of the live ones."""
+    num_dead = int(dead.sum())
+    if num_dead == 0:
+        return pre.new_zeros(())
+    k_aux = err.shape[-1] // 2
+    scale = min(num_dead / k_aux, 1.0)
+    vals, idx = torch.where(dead[None], pre, -torch.inf).topk(min(k_aux, num_dead), dim=-1, sorted=False)
+    vals = vals.relu()
+    e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    return scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+
+
+def _lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    warm, decay = max(1, round(total * warmup_frac)), round(total * decay_frac)
+    if step < warm:
+        return (step + 1) / warm
+    if decay and step >= total - decay:
+        return max(total - step, 1) / (decay + 1)
+    return 1.0
+
+
+@torch.no_grad()
+def _fold_standardisation(sae: SAE, mean: torch.Tensor, scale: float) -> None:
+    """Turn an SAE trained on ``(x - mean) / scale`` into one that reads ``x`` (exact: affine)."""
+    sae.W_enc.div_(scale)
+    sae.W_dec.mul_(scale)
+    sae.b_dec.mul_(scale).add_(mean.to(sae.b_dec.dtype))
+    sae.normalize_decoder()  # all rows have norm `scale`: a uniform rescale keeps the top-k selection
+
+
+def train_sae(data: Data, d_in: int, cfg: TrainConfig | None = None, progress: bool = True) -> tuple[SAE, SaeStats]:
+    """Train an SAE on ``data`` (see ``Data``) and return it with its stats on that data."""
+    cfg = cfg or TrainConfig()
+    if cfg.kind == "topk" and not 0 < cfg.k <= cfg.num_latents(d_in):
+        raise InputError("train", "k", f"k={cfg.k} must be in 1..d_sae={cfg.num_latents(d_in)}")
+    n, mean, var = _moments(data, d_in)
+    scale = math.sqrt(var) or 1.0
+    sae = SAE(SaeConfig(d_in=d_in, d_sae=cfg.num_latents(d_in), kind=cfg.kind, k=cfg.k))
+    sae.reset_parameters(seed=cfg.seed)  # b_dec = 0 here is the data mean once folded back
+    if cfg.kind == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.fill_(_BANDWIDTH)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, total, cfg.warmup_frac, cfg.decay_frac)
+    )
+    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    mean32 = mean.float()
+    bar = tqdm(total=total, desc=f"train {cfg.kind} SAE {d_in}x{sae.cfg.d_sae}", disable=not progress)
+    step = 0
+    while step < total:
+        for batch in _batches(data, cfg.batch_size, gen):
+            x = (batch - mean32) / scale
+            f, pre, penalty = _forward(sae, x, cfg)
+            err = x - sae.decode(f)
+            fvu = err.pow(2).sum(-1).mean()  # the standardised data has unit mean squared norm
+            dead = since_fired >= cfg.dead_after
+            loss = fvu + penalty
+            if cfg.auxk_alpha > 0:
+                loss = loss + cfg.auxk_alpha * _auxk_loss(sae, pre, err, dead)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _remove_parallel_grad(sae)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                if cfg.kind == "jumprelu":
+                    sae.threshold.clamp_(min=0.0)
+                fired = (f > 0).any(0)
+                since_fired += x.shape[0]
+                since_fired[fired] = 0
+            step += 1
+            bar.update()
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(
+                    fvu=f"{fvu.item():.3f}", l0=f"{(f > 0).sum(-1).float().mean().item():.1f}",
+                    dead=f"{float(dead.float().mean()):.3f}",
+                )
+            if step >= total:
+                break
+    bar.close()
+    _fold_standardisation(sae, mean, scale)
+    sae.requires_grad_(False)
+    return sae, sae_stats(sae, data)
+
+
+@torch.no_grad()
+def _remove_parallel_grad(sae: SAE) -> None:
+    """Keep decoder rows on the unit sphere: drop the gradient component along each row."""
+    grad = sae.W_dec.grad
+    if grad is not None:
+        grad -= (grad * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec
+
+
+@torch.no_grad()
+def sae_stats(sae: SAE, data: Data, chunk: int = 8192) -> SaeStats:
+    """FVU, mean L0 and never-firing fraction of ``sae`` on ``data`` (one pass, float64 sums)."""
+    d_in = sae.cfg.d_in
+    n, sse, l0 = 0, 0.0, 0.0
+    s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for shard in _shards(data, d_in):
+        for start in range(0, shard.shape[0], chunk):
+            x = shard[start : start + chunk].to(sae.W_enc.dtype)
+            f = sae.encode(x)
+            active = f != 0
+            sse += float((x - sae.decode(f)).double().pow(2).sum())
+            l0 += float(active.sum())
+            fired |= active.any(0)
+            xd = x.double()
+            s1 += xd.sum(0)
+            s2 += float(xd.pow(2).sum())
+            n += x.shape[0]
+    if n == 0:
+        raise InputError("activations", "data", "no activations to measure")
+    mean = s1 / n
+    total_var = s2 - n * float(mean @ mean)
+    fvu = sse / total_var if total_var > 0 else (0.0 if sse == 0 else math.inf)
+    return SaeStats(fvu=fvu, l0=l0 / n, dead_frac=float((~fired).float().mean()))

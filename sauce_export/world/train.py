@@ -1,0 +1,177 @@
+"""Train the demo models on the fictitious world, on the CPU, from a seed.
+
+``sauce-export world train`` rebuilds the shipped checkpoints: the LLaVA-architecture VLM (image
+questions + text facts) and the text-only Llama (facts). Loss is cross-entropy on answer tokens
+only; images are pre-processed once, since the world reuses each image for several questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from sauce_export.data import Row, read_rows
+from sauce_export.fsutil import atomic_dir
+from sauce_export.lm import LoadedModel, batches, chat_prompt, correct
+from sauce_export.world.generate import IMAGE_SIZE
+from sauce_export.world.model import (
+    IMAGE_TOKEN,
+    build_llama,
+    build_llava,
+    build_processor,
+    build_tokenizer,
+    save_model,
+)
+
+
+@dataclass
+class WorldTrainConfig:
+    """Training knobs for the demo models (defaults reproduce the shipped checkpoints)."""
+
+    seed: int = 0
+    steps: int = 3000
+    """Optimizer steps for the VLM (the text model uses steps // 4)."""
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    fact_every: int = 6
+    """Every n-th VLM step trains on the text-only fact questions."""
+    threads: int = 2
+
+
+@dataclass
+class _Example:
+    ids: list[int]
+    n_answer: int
+    image: int | None
+
+
+def _examples(lm: LoadedModel, rows: list[Row], image_index: dict[Path, int], image_tokens: int) -> list[_Example]:
+    tok = lm.tokenizer
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    out = []
+    for row in rows:
+        prompt = chat_prompt(lm, row.prompt, row.image is not None)
+        full_ids = tok(prompt + " " + row.answer + tok.eos_token).input_ids
+        n_answer = len(full_ids) - len(tok(prompt).input_ids)
+        ids = []
+        for t in full_ids:
+            ids.extend([t] * image_tokens if t == image_id else [t])
+        out.append(_Example(ids, n_answer, image_index[row.image] if row.image is not None else None))
+    return out
+
+
+def _collate(examples: list[_Example], pixels: torch.Tensor | None, pad_id: int) -> tuple[dict, torch.Tensor]:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), -100)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        mask[i, :n] = 1
+        targets[i, n - e.n_answer - 1 : n - 1] = ids[i, n - e.n_answer : n]
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if examples[0].image is not None and pixels is not None:
+        inputs["pixel_values"] = pixels[[e.image for e in examples]]
+    return inputs, targets
+
+
+def _fit(model: torch.nn.Module, groups: list[list[_Example]], weights: list[int], pixels: torch.Tensor | None,
+         pad_id: int, steps: int, cfg: WorldTrainConfig, desc: str) -> float:
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    loss_ema = float("nan")
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        group = groups[0]
+        for g, every in zip(groups[1:], weights[1:], strict=True):
+            if every and step % every == every - 1:
+                group = g
+        batch = [group[rng.randrange(len(group))] for _ in range(cfg.batch_size)]
+        inputs, targets = _collate(batch, pixels, pad_id)
+        logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+    model.eval()
+    return loss_ema
+
+
+@torch.no_grad()
+def accuracy_by_kind(lm: LoadedModel, rows: list[Row], batch_size: int = 128) -> dict[str, float]:
+    """Exact greedy-answer accuracy per (split, question_kind)."""
+    hits: dict[str, list[int]] = {}
+    for batch in batches(lm, rows, batch_size):
+        ok = correct(lm.model(**batch.inputs).logits, batch)
+        for row, good in zip(batch.rows, ok.tolist(), strict=True):
+            hits.setdefault(f"{row.split}/{row.question_kind}", []).append(int(good))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def train_world_models(world_dir: Path, out_dir: Path, cfg: WorldTrainConfig) -> dict[str, object]:
+    """Train both demo models from a built world; writes ``world-llava/`` and ``world-llama/``."""
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    train_rows = read_rows(world_dir / "train.jsonl")
+    eval_rows = read_rows(world_dir / "eval.jsonl") + read_rows(world_dir / "facts.jsonl")
+    image_rows = [r for r in train_rows if r.image is not None]
+    fact_rows = [r for r in train_rows if r.image is None]
+
+    from sauce_export.world.model import CHAT_TEMPLATE
+
+    texts = [f"USER: {r.prompt} ASSISTANT: {r.answer}" for r in train_rows + eval_rows]
+    tokenizer = build_tokenizer(texts)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    processor = build_processor(tokenizer, IMAGE_SIZE)
+    llava = build_llava(tokenizer, IMAGE_SIZE, cfg.seed)
+    lm = LoadedModel(llava, tokenizer, processor, "world-llava")
+
+    paths = sorted({r.image for r in image_rows if r.image is not None})
+    index = {p: i for i, p in enumerate(paths)}
+    pixels = processor.image_processor(
+        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
+    )["pixel_values"]
+    image_tokens = llava.config.image_seq_length
+    groups = [_examples(lm, image_rows, index, image_tokens), _examples(lm, fact_rows, index, image_tokens)]
+    pad = tokenizer.pad_token_id
+    loss_vlm = _fit(llava, groups, [1, cfg.fact_every], pixels, pad, cfg.steps, cfg, "train world-llava")
+    acc_vlm = accuracy_by_kind(lm, eval_rows)
+
+    llama = build_llama(tokenizer, cfg.seed)
+    text_lm = LoadedModel(llama, tokenizer, None, "world-llama")
+    text_cfg = WorldTrainConfig(**{**asdict(cfg), "batch_size": 32})
+    loss_llama = _fit(llama, [groups[1]], [1], None, pad, max(200, cfg.steps // 4), text_cfg, "train world-llama")
+    acc_llama = accuracy_by_kind(text_lm, [r for r in eval_rows if r.image is None])
+
+    report = {
+        "command": f"sauce-export world train --world {world_dir} --out {out_dir} --seed {cfg.seed}",
+        "config": asdict(cfg),
+        "seconds": round(time.time() - start, 1),
+        "world-llava": {"final_loss": loss_vlm, "accuracy": acc_vlm},
+        "world-llama": {"final_loss": loss_llama, "accuracy": acc_llama},
+    }
+    for name, model, proc in (("world-llava", llava, processor), ("world-llama", llama, None)):
+        with atomic_dir(out_dir / name, overwrite=True) as tmp:
+            save_model(model, tokenizer, proc, tmp)
+    (out_dir / "world-models.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,138 @@
+"""Selection recovers latents planted in synthetic activations; the pick rules behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sauce_export.errors import InputError
+from sauce_export.sae.model import SAE, SaeConfig
+from sauce_export.select import (
+    ConceptStats,
+    concept_stats,
+    contrast_scores,
+    load_scores,
+    saeuron_scores,
+    save_scores,
+    select_features,
+    union_features,
+)
+
+D = 48
+PLANTED = [5, 17, 33]
+COMMON = 40  # fires on every token, a bit louder on the concept: mean-based scores are tempted
+LEAKY = 9  # fires on most concept tokens but also on a quarter of the others
+
+
+def dictionary_sae(seed: int = 0) -> SAE:
+    """A ReLU SAE whose decoder is a known orthonormal dictionary, so ``encode`` recovers codes exactly."""
+    sae = SAE(SaeConfig(d_in=D, d_sae=D, kind="relu"))
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(seed)))
+    with torch.no_grad():
+        sae.W_dec.copy_(q)
+        sae.W_enc.copy_(q.T)
+        sae.b_enc.fill_(-1e-3)  # float noise of the round trip must not count as firing
+    return sae
+
+
+def synthetic(sae: SAE, n: int, concept: bool, gen: torch.Generator) -> torch.Tensor:
+    codes = torch.zeros(n, D)
+    background = [i for i in range(D) if i not in [*PLANTED, COMMON, LEAKY]]
+    for row in codes:
+        idx = torch.tensor(background)[torch.randperm(len(background), generator=gen)[:4]]
+        row[idx] = torch.rand(4, generator=gen) * 2 + 0.5
+    codes[:, COMMON] = 3.0 + (1.0 if concept else 0.0)
+    leak = torch.rand(n, generator=gen) < (0.9 if concept else 0.25)
+    codes[leak, LEAKY] = 1.5
+    if concept:
+        for i in PLANTED:
+            fires = torch.rand(n, generator=gen) < 0.8
+            codes[fires, i] = torch.rand(int(fires.sum()), generator=gen) + 1.0
+    return codes @ sae.W_dec.detach()
+
+
+@pytest.fixture(scope="module")
+def stats() -> ConceptStats:
+    sae = dictionary_sae()
+    gen = torch.Generator().manual_seed(1)
+    pos = [synthetic(sae, 100, True, gen) for _ in range(3)]
+    neg = [synthetic(sae, 150, False, gen) for _ in range(4)]
+    return concept_stats(sae, pos, neg)
+
+
+def test_stats_stream_and_count(stats: ConceptStats) -> None:
+    assert (stats.n_pos, stats.n_neg) == (300, 600)
+    assert stats.freq_neg[PLANTED].eq(0).all()
+    assert stats.freq_pos[COMMON] == 1.0 and stats.freq_neg[COMMON] == 1.0
+    assert torch.allclose(stats.mu_neg[COMMON], torch.tensor(3.0 - 1e-3, dtype=torch.float64), atol=1e-5)
+
+
+def test_chunking_does_not_change_stats() -> None:
+    sae = dictionary_sae()
+    gen = torch.Generator().manual_seed(2)
+    pos, neg = synthetic(sae, 64, True, gen), synthetic(sae, 64, False, gen)
+    whole = concept_stats(sae, [pos], [neg])
+    chunked = concept_stats(sae, pos.split(10), iter(neg.split(7)))
+    for name in ("mu_pos", "mu_neg", "freq_pos", "freq_neg"):
+        assert torch.allclose(getattr(whole, name), getattr(chunked, name), atol=1e-6)
+
+
+@pytest.mark.parametrize("score", [saeuron_scores, contrast_scores])
+def test_scores_rank_planted_latents_first(stats: ConceptStats, score) -> None:
+    scores = score(stats)
+    assert sorted(select_features(scores, top_n=3)) == PLANTED
+    assert COMMON not in select_features(scores, top_n=4)
+
+
+def test_contrast_penalises_collateral_firing(stats: ConceptStats) -> None:
+    contrast = contrast_scores(stats)
+    # LEAKY fires on 25% of other tokens: it ranks below every planted latent but above background.
+    assert contrast[LEAKY] < contrast[PLANTED].min()
+    assert select_features(contrast, top_n=4)[-1] == LEAKY
+
+
+def test_top_n_ties_and_min_score() -> None:
+    scores = torch.tensor([1.0, 2.0, 2.0, 0.0, -1.0, 2.0])
+    assert select_features(scores, top_n=2) == [1, 2]
+    assert select_features(scores, top_n=10) == [1, 2, 5, 0]  # 0.0 and -1.0 never qualify
+    assert select_features(scores, top_n=10, min_score=1.5) == [1, 2, 5]
+    assert select_features(scores, top_n=0) == []
+
+
+def test_percentile() -> None:
+    scores = torch.arange(100, dtype=torch.float32)
+    assert select_features(scores, percentile=95) == [99, 98, 97, 96, 95]
+    assert select_features(scores, percentile=100) == [99]
+    assert len(select_features(scores, percentile=0)) == 99  # everything above min_score=0
+
+
+def test_exactly_one_rule() -> None:
+    with pytest.raises(InputError):
+        select_features(torch.ones(3))
+    with pytest.raises(InputError):
+        select_features(torch.ones(3), top_n=1, percentile=50)
+    with pytest.raises(InputError):
+        select_features(torch.ones(3), percentile=150)
+
+
+def test_union_features() -> None:
+    assert union_features([[7, 3], [3, 1], []]) == [1, 3, 7]
+
+
+def test_save_and_load_scores(tmp_path, stats: ConceptStats) -> None:
+    scores = {"alice": saeuron_scores(stats), "blue": contrast_scores(stats)}
+    selected = {c: select_features(s, top_n=3) for c, s in scores.items()}
+    path = save_scores(tmp_path / "scores.json", scores, selected, top=5)
+    loaded, loaded_sel = load_scores(path)
+    assert loaded_sel == selected
+    for c, s in scores.items():
+        assert torch.allclose(loaded[c].double(), s, atol=1e-6)
+    import json
+
+    summary = json.loads(path.read_text())["concepts"]["alice"]
+    assert len(summary["top"]) == 5 and summary["top"][0]["feature"] == selected["alice"][0]
+
+
+def test_bad_chunk_shape_is_input_error() -> None:
+    with pytest.raises(InputError):
+        concept_stats(dictionary_sae(), [torch.zeros(3, D + 1)], [torch.zeros(3, D)])
