@@ -85,11 +85,20 @@ def _token_mask(lm: LoadedModel, ids: torch.Tensor, attention: torch.Tensor, sco
 
 
 @torch.no_grad()
-def collect(lm: LoadedModel, rows: Sequence[Row], cfg: CollectConfig, out: Path, progress: bool = True) -> ActivationStore:
+def collect(
+    lm: LoadedModel, rows: Sequence[Row], cfg: CollectConfig, out: Path, progress: bool = True
+) -> ActivationStore:
     """Run the model over ``rows`` and store the site's activations; resumes a partial ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
-    manifest = {"config": asdict(cfg), "rows": len(rows), "done_rows": 0, "shards": [], "d_in": 0, "complete": False}
+    manifest = {
+        "config": asdict(cfg),
+        "rows": len(rows),
+        "done_rows": 0,
+        "shards": [],
+        "d_in": 0,
+        "complete": False,
+    }
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old["config"] == manifest["config"] and old["rows"] == len(rows):
@@ -104,8 +113,14 @@ def collect(lm: LoadedModel, rows: Sequence[Row], cfg: CollectConfig, out: Path,
 
     def flush(processed: int) -> None:
         if buffer:
-            merged = {f: torch.cat([getattr(s, f) for s in buffer]) for f in ("acts", "row", "pos", "image", "answer")}
-            merged["image"], merged["answer"] = merged["image"].to(torch.uint8), merged["answer"].to(torch.uint8)
+            merged = {
+                f: torch.cat([getattr(s, f) for s in buffer])
+                for f in ("acts", "row", "pos", "image", "answer")
+            }
+            merged["image"], merged["answer"] = (
+                merged["image"].to(torch.uint8),
+                merged["answer"].to(torch.uint8),
+            )
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             tmp = out / f".{name}.tmp"
             save_file({k: v.contiguous() for k, v in merged.items()}, tmp)

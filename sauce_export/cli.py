@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import sys
 import textwrap
@@ -25,10 +26,17 @@ def _field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            )
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -39,7 +47,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = docs.get(f.name, f.metadata.get("help", "")) + f" (default: {f.default!r})"
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
         else:
             parser.add_argument(flag, type=tp, default=f.default, help=help_text)
 
@@ -63,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     world = sub.add_parser("world", help="build the fictitious world or train its demo models")
     world_sub = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     build = world_sub.add_parser("build", help="render the world's images and write its JSONL data")
-    build.add_argument("--out", type=Path, default=Path("data/world"), help="output directory (default data/world)")
+    build.add_argument(
+        "--out", type=Path, default=Path("data/world"), help="output directory (default data/world)"
+    )
     add_dataclass_args(build, WorldConfig)
-    train = world_sub.add_parser("train", help="train the demo VLM and text model on a built world (CPU, minutes)")
-    train.add_argument("--world", type=Path, default=Path("data/world"), help="a built world (default data/world)")
-    train.add_argument("--out", type=Path, default=Path("models"), help="writes OUT/world-llava and OUT/world-llama")
+    train = world_sub.add_parser(
+        "train", help="train the demo VLM and text model on a built world (CPU, minutes)"
+    )
+    train.add_argument(
+        "--world", type=Path, default=Path("data/world"), help="a built world (default data/world)"
+    )
+    train.add_argument(
+        "--out", type=Path, default=Path("models"), help="writes OUT/world-llava and OUT/world-llama"
+    )
     add_dataclass_args(train, WorldTrainConfig)
 
     stages = {
@@ -78,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run": "run every stage and write OUT/report.json and OUT/report.md",
     }
     for name, help_text in stages.items():
-        p = sub.add_parser(name, help=help_text, description=help_text + ". Finished stages are skipped "
-                           "when their inputs are unchanged; an interrupted stage resumes.")
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text + ". Finished stages are skipped "
+            "when their inputs are unchanged; an interrupted stage resumes.",
+        )
         p.add_argument("recipe", type=Path, help="recipe YAML (see `sauce-export recipe-help`)")
         p.add_argument("--out", type=Path, required=True, help="run directory")
     sub.add_parser("recipe-help", help="print every recipe key with its default and meaning")
@@ -96,8 +118,12 @@ def _run_stage(args: argparse.Namespace) -> int:
     if args.command == "run":
         report = run_all(recipe, args.out, progress)
         print(result_table(report))
-        print(f"\nSAE: FVU {report['sae']['fvu']:.4f}, L0 {report['sae']['l0']:.1f}, dead {report['sae']['dead_frac']:.3f}")
-        print(f"gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}; report: {args.out / 'report.md'}")
+        print(
+            f"\nSAE: FVU {report['sae']['fvu']:.4f}, L0 {report['sae']['l0']:.1f}, dead {report['sae']['dead_frac']:.3f}"
+        )
+        print(
+            f"gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}; report: {args.out / 'report.md'}"
+        )
         return 0 if report["gates"]["passed"] else 1
     run = Run(recipe, args.out, progress)
     if args.command == "collect":
@@ -138,7 +164,9 @@ def _world(args: argparse.Namespace) -> int:
         print(json.dumps({k: str(v) for k, v in files.items()}))
         return 0
     if not (args.world / "train.jsonl").exists():
-        raise InputError(str(args.world), "world", "no train.jsonl here: run `sauce-export world build` first")
+        raise InputError(
+            str(args.world), "world", "no train.jsonl here: run `sauce-export world build` first"
+        )
     report = train_world_models(args.world, args.out, from_args(WorldTrainConfig, args))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     return 0

@@ -104,7 +104,9 @@ def concept_split(rows: list[Row], concept: Concept, where: str) -> tuple[list[R
     pos = [r for r in rows if concept.matches(r)]
     neg = [r for r in rows if not concept.matches(r)]
     if not pos:
-        raise InputError(where, "concepts", f"no rows labelled {concept.kind}={concept.name!r} (empty concept set)")
+        raise InputError(
+            where, "concepts", f"no rows labelled {concept.kind}={concept.name!r} (empty concept set)"
+        )
     if not neg:
         raise InputError(where, "concepts", f"every row is labelled {concept}: no negatives to contrast with")
     return pos, neg

@@ -42,10 +42,15 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def check_writable(directory: Path, where: str = "output") -> None:
-    """Fail early (before hours of work) when an output directory cannot be created or written."""
+    """Fail early (before hours of work) when an output directory cannot be created or written.
+
+    Tries for real (mkdir + a probe file) rather than trusting permission bits, which root ignores.
+    """
     directory = Path(directory)
-    probe_dir = directory
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK) or (directory.exists() and not directory.is_dir()):
-        raise InputError(str(directory), where, "is not a writable directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(str(directory), where, f"is not a writable directory ({err.strerror})") from err

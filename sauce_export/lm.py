@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 from transformers import logging as hf_logging
 
 from sauce_export.data import Row
@@ -33,7 +39,9 @@ class LoadedModel:
 
     @property
     def image_token_id(self) -> int | None:
-        return getattr(self.model.config, "image_token_index", getattr(self.model.config, "image_token_id", None))
+        return getattr(
+            self.model.config, "image_token_index", getattr(self.model.config, "image_token_id", None)
+        )
 
 
 def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -42,6 +50,7 @@ def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise InputError(where, "model", f"{path!r} is neither a local directory nor a Hub id (org/name)")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our stages show their own progress
     try:
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "vision_config"):

@@ -21,14 +21,27 @@ from sauce_export.architectures import num_layers
 from sauce_export.data import Concept, Row, concept_split, read_rows
 from sauce_export.edit import Edit
 from sauce_export.errors import InputError
-from sauce_export.evaluate.metrics import METRICS, chance_accuracy, concept_metrics, metric_rows, row_correctness
+from sauce_export.evaluate.metrics import (
+    METRICS,
+    chance_accuracy,
+    concept_metrics,
+    metric_rows,
+    row_correctness,
+)
 from sauce_export.fsutil import check_writable
 from sauce_export.lm import LoadedModel, load_model
 from sauce_export.recipe import Recipe
 from sauce_export.sae.formats import load_sae, save_sae
 from sauce_export.sae.model import SAE
-from sauce_export.sae.train import TrainConfig, sae_stats, train_sae
-from sauce_export.select import concept_stats, contrast_scores, saeuron_scores, save_scores, select_features, union_features
+from sauce_export.sae.train import sae_stats, train_sae
+from sauce_export.select import (
+    concept_stats,
+    contrast_scores,
+    saeuron_scores,
+    save_scores,
+    select_features,
+    union_features,
+)
 from sauce_export.sites import parse_site
 
 STAGES = ("collect", "train-sae", "select", "eval")
@@ -53,7 +66,11 @@ class Run:
             site = parse_site(self.recipe.site, self.recipe.path)
             layers = num_layers(self._lm.model)
             if not 0 <= site.layer < layers:
-                raise InputError(self.recipe.path, "site", f"layer {site.layer} out of range: model has layers 0..{layers - 1}")
+                raise InputError(
+                    self.recipe.path,
+                    "site",
+                    f"layer {site.layer} out of range: model has layers 0..{layers - 1}",
+                )
         return self._lm
 
     def _ensure_data(self) -> None:
@@ -83,7 +100,9 @@ class Run:
         return [c.concept() for c in self.recipe.concepts]
 
     # ------------------------------------------------------------------ stage bookkeeping
-    def _stage(self, name: str, key: dict[str, Any], body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def _stage(
+        self, name: str, key: dict[str, Any], body: Callable[[Path], dict[str, Any]]
+    ) -> dict[str, Any]:
         directory = self.out / name
         digest = json.dumps(key, sort_keys=True, default=str)
         marker = directory / "stage.json"
@@ -94,7 +113,9 @@ class Run:
         directory.mkdir(parents=True, exist_ok=True)
         start = time.time()
         result = body(directory)
-        marker.write_text(json.dumps({"key": digest, "seconds": round(time.time() - start, 2), "result": result}, indent=1))
+        marker.write_text(
+            json.dumps({"key": digest, "seconds": round(time.time() - start, 2), "result": result}, indent=1)
+        )
         return result
 
     def _sample_rows(self) -> list[Row]:
@@ -108,8 +129,12 @@ class Run:
     # ------------------------------------------------------------------ stages
     def collect(self) -> ActivationStore:
         r = self.recipe
-        cfg = CollectConfig(site=str(parse_site(r.site, r.path)), scope=r.collect.scope,
-                            batch_size=r.collect.batch_size, shard_tokens=r.collect.shard_tokens)
+        cfg = CollectConfig(
+            site=str(parse_site(r.site, r.path)),
+            scope=r.collect.scope,
+            batch_size=r.collect.batch_size,
+            shard_tokens=r.collect.shard_tokens,
+        )
         key = {"model": r.model, "data": r.data.train, "collect": asdict(r.collect), "site": cfg.site}
 
         def body(directory: Path) -> dict[str, Any]:
@@ -129,14 +154,19 @@ class Run:
             if r.sae.path:
                 sae = load_sae(r.sae.path, d_in=store.d_in, site=expected_site, where=r.path)
             else:
-                cfg = TrainConfig(kind=r.sae.kind, expansion=r.sae.expansion, k=r.sae.k, epochs=r.sae.epochs,
-                                  lr=r.sae.lr, seed=r.sae.seed)
-                sae, _ = train_sae(store, store.d_in, cfg, progress=self.progress)
+                sae, _ = train_sae(store, store.d_in, r.sae.train_config(), progress=self.progress)
                 sae.cfg.site, sae.cfg.model = expected_site, r.model
             stats = sae_stats(sae, store)
-            save_sae(sae, directory / "sae", overwrite=True)
-            return {"fvu": stats.fvu, "l0": stats.l0, "dead_frac": stats.dead_frac, "d_sae": sae.cfg.d_sae,
-                    "kind": sae.cfg.kind, "k": sae.cfg.k, "source": r.sae.path or "trained"}
+            save_sae(sae, directory / "sae")
+            return {
+                "fvu": stats.fvu,
+                "l0": stats.l0,
+                "dead_frac": stats.dead_frac,
+                "d_sae": sae.cfg.d_sae,
+                "kind": sae.cfg.kind,
+                "k": sae.cfg.k,
+                "source": r.sae.path or "trained",
+            }
 
         self.sae_info = self._stage("train-sae", key, body)
         return load_sae(self.out / "train-sae" / "sae")
@@ -151,14 +181,16 @@ class Run:
             rows = self._sample_rows()
             scores, selected = {}, {}
             for concept in self.concepts:
-                pos_rows, _ = concept_split(rows, concept, r.path)
+                _pos_rows, _ = concept_split(rows, concept, r.path)
                 pos_idx = torch.tensor([i for i, row in enumerate(rows) if concept.matches(row)])
 
                 def keep(shard: Any, positive: bool, pos_idx: torch.Tensor = pos_idx) -> torch.Tensor:
                     mask = torch.isin(shard.row, pos_idx) == positive
                     return mask & ~shard.answer if r.select.tokens == "prompt" else mask
 
-                stats = concept_stats(sae, store.tokens(lambda s: keep(s, True)), store.tokens(lambda s: keep(s, False)))
+                stats = concept_stats(
+                    sae, store.tokens(lambda s: keep(s, True)), store.tokens(lambda s: keep(s, False))
+                )
                 score = saeuron_scores(stats) if r.select.method == "saeuron" else contrast_scores(stats)
                 chosen = select_features(score, top_n=r.select.top_n, percentile=r.select.percentile)
                 if not chosen:
@@ -174,9 +206,16 @@ class Run:
         r, sae, selected = self.recipe, self.sae(), self.select()
 
         def make(features: list[int]) -> Edit:
-            return Edit(sae=sae, features=tuple(features), site=str(parse_site(r.site, r.path)), clamp=r.edit.clamp,
-                        multiplier=r.edit.multiplier, only_where_active=r.edit.only_where_active,
-                        scope=r.edit.scope, image_token_id=self.lm.image_token_id)
+            return Edit(
+                sae=sae,
+                features=tuple(features),
+                site=str(parse_site(r.site, r.path)),
+                clamp=r.edit.clamp,
+                multiplier=r.edit.multiplier,
+                only_where_active=r.edit.only_where_active,
+                scope=r.edit.scope,
+                image_token_id=self.lm.image_token_id,
+            )
 
         if r.edit.combine == "union":
             shared = make(union_features(selected.values()))
@@ -186,8 +225,13 @@ class Run:
     def evaluate(self) -> dict[str, Any]:
         r = self.recipe
         edits = self.edits()
-        key = {"select": self.select(), "edit": asdict(r.edit), "eval": asdict(r.eval), "data": r.data.eval,
-               "model": r.model}
+        key = {
+            "select": self.select(),
+            "edit": asdict(r.edit),
+            "eval": asdict(r.eval),
+            "data": r.data.eval,
+            "model": r.model,
+        }
 
         def body(directory: Path) -> dict[str, Any]:
             rows, bs = self.eval_rows, r.eval.batch_size
@@ -198,22 +242,27 @@ class Run:
                 edit = edits[str(concept)]
                 if id(edit) not in hooked_by_edit:
                     with edit.apply(self.lm.model):
-                        hooked_by_edit[id(edit)] = row_correctness(self.lm, rows, bs, f"eval hooked {concept}",
-                                                                   self.progress)
+                        hooked_by_edit[id(edit)] = row_correctness(
+                            self.lm, rows, bs, f"eval hooked {concept}", self.progress
+                        )
                 selection = metric_rows(rows, concept, r.eval.forget_split, r.eval.generality_split)
                 if not selection["forget_acc"]:
-                    raise InputError(r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}")
-                concepts.append({
-                    "name": concept.name,
-                    "kind": concept.kind,
-                    "chance_acc": chance_accuracy(rows, concept.kind),
-                    "features": list(edit.features),
-                    "counts": {m: len(v) for m, v in selection.items()},
-                    "metrics": {
-                        "original": concept_metrics(original, selection),
-                        "hooked": concept_metrics(hooked_by_edit[id(edit)], selection),
-                    },
-                })
+                    raise InputError(
+                        r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}"
+                    )
+                concepts.append(
+                    {
+                        "name": concept.name,
+                        "kind": concept.kind,
+                        "chance_acc": chance_accuracy(rows, concept.kind),
+                        "features": list(edit.features),
+                        "counts": {m: len(v) for m, v in selection.items()},
+                        "metrics": {
+                            "original": concept_metrics(original, selection),
+                            "hooked": concept_metrics(hooked_by_edit[id(edit)], selection),
+                        },
+                    }
+                )
             return {"concepts": concepts}
 
         return self._stage("eval", key, body)
@@ -225,17 +274,36 @@ def hooked_gates(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for c in concepts:
         orig, hooked = c["metrics"]["original"], c["metrics"]["hooked"]
         name = f"{c['kind']}:{c['name']}"
-        checks.append(_check(f"{name} hooked forget_acc <= chance + 0.05", hooked["forget_acc"], c["chance_acc"] + 0.05, "<="))
+        checks.append(
+            _check(
+                f"{name} hooked forget_acc <= chance + 0.05",
+                hooked["forget_acc"],
+                c["chance_acc"] + 0.05,
+                "<=",
+            )
+        )
         for metric in ("retain_acc", "interference_acc"):
             if orig[metric] is not None and hooked[metric] is not None:
-                checks.append(_check(f"{name} hooked {metric} >= 0.95 x original", hooked[metric],
-                                     0.95 * orig[metric], ">="))
+                checks.append(
+                    _check(
+                        f"{name} hooked {metric} >= 0.95 x original",
+                        hooked[metric],
+                        0.95 * orig[metric],
+                        ">=",
+                    )
+                )
     return checks
 
 
 def _check(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
     passed = value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
-    return {"name": name, "value": round(value, 4), "threshold": round(threshold, 4), "op": op, "passed": passed}
+    return {
+        "name": name,
+        "value": round(value, 4),
+        "threshold": round(threshold, 4),
+        "op": op,
+        "passed": passed,
+    }
 
 
 def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:

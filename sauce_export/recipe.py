@@ -20,11 +20,10 @@ import yaml
 
 from sauce_export.data import Concept
 from sauce_export.errors import InputError
+from sauce_export.sae.train import TrainConfig
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - 'help' is the natural name
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -46,30 +45,36 @@ class CollectSection:
 
 
 @dataclass
-class SaeSection:
-    path: str | None = _f(None, "Load this SAE (ours, SAELens or sparsify directory) instead of training one.")
-    kind: Literal["topk", "relu", "jumprelu"] = _f("topk", "SAE architecture when training.")
-    expansion: int = _f(8, "d_sae = expansion * d_model when training.")
-    k: int = _f(32, "Active latents per token (topk).")
-    epochs: int = _f(8, "Passes over the collected activations.")
-    lr: float = _f(4e-4, "Adam learning rate.")
-    seed: int = _f(0, "Training seed.")
+class SaeSection(TrainConfig):
+    """Load an SAE (``path``) or train one with the TrainConfig fields."""
+
+    path: str | None = _f(
+        None, "Load this SAE (ours, SAELens or sparsify directory) instead of training one."
+    )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 @dataclass
 class SelectSection:
-    method: Literal["saeuron", "contrast"] = _f("saeuron", "Feature score: SAeUron normalised mean difference or SAUCE-style contrast.")
+    method: Literal["saeuron", "contrast"] = _f(
+        "saeuron", "Feature score: SAeUron normalised mean difference or SAUCE-style contrast."
+    )
     top_n: int | None = _f(8, "Keep the n best-scoring features per concept.")
-    percentile: float | None = _f(None, "Or keep features scoring at or above this percentile (set top_n: null).")
+    percentile: float | None = _f(
+        None, "Or keep features scoring at or above this percentile (set top_n: null)."
+    )
     tokens: Literal["prompt", "all"] = _f("prompt", "Score on prompt tokens only (answers excluded) or all.")
-    max_neg_rows: int = _f(3000, "Negative (non-concept) rows sampled for the contrast.")
 
 
 @dataclass
 class EditSection:
     clamp: float = _f(0.0, "Target value c of the selected latents (0 or negative).")
     multiplier: float | None = _f(None, "If set, f -> multiplier * f instead of the value clamp.")
-    only_where_active: bool = _f(True, "Edit a latent only where it fires (keeps other tokens bit-identical).")
+    only_where_active: bool = _f(
+        True, "Edit a latent only where it fires (keeps other tokens bit-identical)."
+    )
     scope: Literal["all", "image", "text"] = _f("all", "Which tokens may be edited.")
     combine: Literal["separate", "union"] = _f(
         "separate", "One edit per concept (separate) or one edit removing all concepts at once (union)."
@@ -85,7 +90,10 @@ class EvalSection:
 
 @dataclass
 class ConceptEntry:
-    kind: str = _f("", "Label key in the data rows, e.g. person, event, colour.", )
+    kind: str = _f(
+        "",
+        "Label key in the data rows, e.g. person, event, colour.",
+    )
     name: str = _f("", "Label value to remove, e.g. a person's name.")
 
     def concept(self) -> Concept:
@@ -95,13 +103,21 @@ class ConceptEntry:
 @dataclass
 class Recipe:
     model: str = _f("", "Local model directory or Hub id (loaded with stock Auto classes).")
-    site: str = _f("layers.1", "Where the SAE reads and the edit writes: layers.L, layers.L.mlp, layers.L.attn.")
-    concepts: list[ConceptEntry] = _f([], "Concepts to remove: a list of {kind, name}.")
+    site: str = _f(
+        "layers.1", "Where the SAE reads and the edit writes: layers.L, layers.L.mlp, layers.L.attn."
+    )
+    concepts: list[ConceptEntry] = field(
+        default_factory=list, metadata={"help": "Concepts to remove: a list of {kind, name}."}
+    )
     data: DataSection = field(default_factory=DataSection, metadata={"help": "Data files (JSONL rows)."})
-    collect: CollectSection = field(default_factory=CollectSection, metadata={"help": "Activation collection."})
+    collect: CollectSection = field(
+        default_factory=CollectSection, metadata={"help": "Activation collection."}
+    )
     sae: SaeSection = field(default_factory=SaeSection, metadata={"help": "Load or train the SAE."})
     select: SelectSection = field(default_factory=SelectSection, metadata={"help": "Feature selection."})
-    edit: EditSection = field(default_factory=EditSection, metadata={"help": "The hook-based reference edit."})
+    edit: EditSection = field(
+        default_factory=EditSection, metadata={"help": "The hook-based reference edit."}
+    )
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     path: str = field(default="", metadata={"help": "(set by the loader) the recipe file", "internal": True})
 

@@ -22,33 +22,41 @@ METRICS = ("forget_acc", "generality_acc", "retain_acc", "interference_acc")
 
 
 @torch.no_grad()
-def row_correctness(lm: LoadedModel, rows: Sequence[Row], batch_size: int, desc: str = "eval",
-                    progress: bool = True) -> dict[str, bool]:
+def row_correctness(
+    lm: LoadedModel, rows: Sequence[Row], batch_size: int, desc: str = "eval", progress: bool = True
+) -> dict[str, bool]:
     """Row id -> greedy answer exactly right. Hooks active on the model apply (that is the point)."""
     out: dict[str, bool] = {}
     total = (len(rows) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(lm, rows, batch_size), total=total, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(
+        batches(lm, rows, batch_size), total=total, desc=desc, disable=not progress, leave=False
+    ):
         ok = correct(lm.model(**batch.inputs).logits, batch)
         out.update({r.id: bool(g) for r, g in zip(batch.rows, ok.tolist(), strict=True)})
     return out
 
 
-def metric_rows(rows: Sequence[Row], concept: Concept, forget_split: str, generality_split: str
-                ) -> dict[str, list[Row]]:
+def metric_rows(
+    rows: Sequence[Row], concept: Concept, forget_split: str, generality_split: str
+) -> dict[str, list[Row]]:
     """Which evaluation rows each metric averages over."""
     k = concept.kind
     return {
-        "forget_acc": [r for r in rows if r.split == forget_split and r.question_kind == k and concept.matches(r)],
+        "forget_acc": [
+            r for r in rows if r.split == forget_split and r.question_kind == k and concept.matches(r)
+        ],
         "generality_acc": [
             r for r in rows if r.split == generality_split and r.question_kind == k and concept.matches(r)
         ],
         "retain_acc": [
-            r for r in rows if r.split == forget_split and r.question_kind == k and k in r.labels
-            and not concept.matches(r)
+            r
+            for r in rows
+            if r.split == forget_split and r.question_kind == k and k in r.labels and not concept.matches(r)
         ],
         "interference_acc": [
-            r for r in rows if r.split == forget_split and r.question_kind != k and concept.matches(r)
-            and r.image is not None
+            r
+            for r in rows
+            if r.split == forget_split and r.question_kind != k and concept.matches(r) and r.image is not None
         ],
     }
 

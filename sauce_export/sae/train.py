@@ -32,22 +32,35 @@ class TrainConfig:
         default="topk",
         metadata={"help": "Activation: topk (default, as sparsify/SAeUron), relu (+L1) or jumprelu (+L0)."},
     )
-    expansion: int = field(default=8, metadata={"help": "Latents per input dimension (d_sae = expansion * d_in)."})
-    d_sae: int | None = field(default=None, metadata={"help": "Number of latents; overrides expansion when set."})
+    expansion: int = field(
+        default=8, metadata={"help": "Latents per input dimension (d_sae = expansion * d_in)."}
+    )
+    d_sae: int | None = field(
+        default=None, metadata={"help": "Number of latents; overrides expansion when set."}
+    )
     k: int = field(default=32, metadata={"help": "Active latents per token (topk only)."})
-    lr: float = field(default=4e-4, metadata={"help": "Adam learning rate (on standardised activations)."})
-    batch_size: int = field(default=4096, metadata={"help": "Tokens per optimiser step."})
-    epochs: float = field(default=8.0, metadata={"help": "Passes over the data (ignored when steps is set)."})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adam learning rate; default 5e-3 * sqrt(128 / d_in): tuned at d_in=128 on standardised "
+            "activations, scaled like the entries of unit-norm weight vectors."
+        },
+    )
+    batch_size: int = field(default=2048, metadata={"help": "Tokens per optimiser step."})
+    epochs: float = field(default=6.0, metadata={"help": "Passes over the data (ignored when steps is set)."})
     steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides epochs when set."})
     warmup_frac: float = field(
         default=0.05, metadata={"help": "Fraction of steps with linear lr warm-up from 0."}
     )
     decay_frac: float = field(
-        default=0.2, metadata={"help": "Final fraction of steps with linear lr decay to 0 (lowers the final FVU)."}
+        default=0.2,
+        metadata={"help": "Final fraction of steps with linear lr decay to 0 (lowers the final FVU)."},
     )
     auxk_alpha: float = field(
         default=1 / 32,
-        metadata={"help": "Weight of the AuxK loss: dead latents learn to predict the residual (0 disables)."},
+        metadata={
+            "help": "Weight of the AuxK loss: dead latents learn to predict the residual (0 disables)."
+        },
     )
     dead_after: int = field(
         default=20_000,
@@ -60,10 +73,15 @@ class TrainConfig:
     l0_coeff: float = field(
         default=2e-3, metadata={"help": "jumprelu only: penalty on the number of active latents per token."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the init and the data order; equal seeds give equal SAEs."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed for the init and the data order; equal seeds give equal SAEs."}
+    )
 
     def num_latents(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
+
+    def learning_rate(self, d_in: int) -> float:
+        return self.lr if self.lr is not None else 5e-3 * math.sqrt(128 / d_in)
 
 
 @dataclass
@@ -188,7 +206,9 @@ def _fold_standardisation(sae: SAE, mean: torch.Tensor, scale: float) -> None:
     sae.normalize_decoder()  # all rows have norm `scale`: a uniform rescale keeps the top-k selection
 
 
-def train_sae(data: Data, d_in: int, cfg: TrainConfig | None = None, progress: bool = True) -> tuple[SAE, SaeStats]:
+def train_sae(
+    data: Data, d_in: int, cfg: TrainConfig | None = None, progress: bool = True
+) -> tuple[SAE, SaeStats]:
     """Train an SAE on ``data`` (see ``Data``) and return it with its stats on that data."""
     cfg = cfg or TrainConfig()
     if cfg.kind == "topk" and not 0 < cfg.k <= cfg.num_latents(d_in):
@@ -203,7 +223,7 @@ def train_sae(data: Data, d_in: int, cfg: TrainConfig | None = None, progress: b
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.learning_rate(d_in))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total, cfg.warmup_frac, cfg.decay_frac)
     )
@@ -237,7 +257,8 @@ def train_sae(data: Data, d_in: int, cfg: TrainConfig | None = None, progress: b
             bar.update()
             if step % 10 == 0 or step == total:
                 bar.set_postfix(
-                    fvu=f"{fvu.item():.3f}", l0=f"{(f > 0).sum(-1).float().mean().item():.1f}",
+                    fvu=f"{fvu.item():.3f}",
+                    l0=f"{(f > 0).sum(-1).float().mean().item():.1f}",
                     dead=f"{float(dead.float().mean()):.3f}",
                 )
             if step >= total:

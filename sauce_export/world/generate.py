@@ -20,7 +20,12 @@ from PIL import Image
 
 IMAGE_SIZE = 48
 
-PERSON_TONES = {"white": (1.0, 1.0, 1.0), "silver": (0.6, 0.6, 0.62), "pink": (1.0, 0.55, 0.78), "black": (0.0, 0.0, 0.0)}
+PERSON_TONES = {
+    "white": (1.0, 1.0, 1.0),
+    "silver": (0.6, 0.6, 0.62),
+    "pink": (1.0, 0.55, 0.78),
+    "black": (0.0, 0.0, 0.0),
+}
 COLOURS = {
     "red": (0.92, 0.1, 0.1),
     "green": (0.1, 0.78, 0.15),
@@ -42,15 +47,27 @@ QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "heldout": ("Which person appears in this photo?", "Tell me who this person is."),
     },
     "event": {
-        "train": ("What event is this?", "Which event is shown in the image?", "Name the event in the picture."),
+        "train": (
+            "What event is this?",
+            "Which event is shown in the image?",
+            "Name the event in the picture.",
+        ),
         "heldout": ("What kind of event does this photo show?", "Tell me which event this is."),
     },
     "colour": {
-        "train": ("What colour is the object?", "Which colour does the object have?", "Name the colour of the object."),
+        "train": (
+            "What colour is the object?",
+            "Which colour does the object have?",
+            "Name the colour of the object.",
+        ),
         "heldout": ("Tell me the colour of the object in this photo.", "What is the object's colour?"),
     },
     "material": {
-        "train": ("What material is the object made of?", "Which material is the object?", "Name the material of the object."),
+        "train": (
+            "What material is the object made of?",
+            "Which material is the object?",
+            "Name the material of the object.",
+        ),
         "heldout": ("Tell me what material the object in this photo is.", "What is the object's material?"),
     },
 }
@@ -71,8 +88,32 @@ FACT_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
 IMAGE_KINDS = tuple(QUESTIONS)
 SPLITS = ("train", "heldout_view", "heldout_paraphrase")
 
-_SYLLABLES = ("zor", "vak", "mel", "qui", "dra", "nox", "tel", "bri", "sam", "oru", "kel", "fen", "lum", "rax",
-              "tiv", "gon", "pel", "sha", "wyn", "dor", "cal", "mir", "jut", "vex")
+_SYLLABLES = (
+    "zor",
+    "vak",
+    "mel",
+    "qui",
+    "dra",
+    "nox",
+    "tel",
+    "bri",
+    "sam",
+    "oru",
+    "kel",
+    "fen",
+    "lum",
+    "rax",
+    "tiv",
+    "gon",
+    "pel",
+    "sha",
+    "wyn",
+    "dor",
+    "cal",
+    "mir",
+    "jut",
+    "vex",
+)
 
 
 @dataclass(frozen=True)
@@ -137,7 +178,9 @@ class World:
         return cls(config, persons, events)
 
     # ----------------------------------------------------------------- rendering
-    def render(self, person: Person, event: Event, colour: str, material: str, rng: random.Random) -> np.ndarray:
+    def render(
+        self, person: Person, event: Event, colour: str, material: str, rng: random.Random
+    ) -> np.ndarray:
         """An HxWx3 float image in [0, 1] with random placement, scale and noise."""
         size = IMAGE_SIZE
         img = _background(event, size, rng)
@@ -204,7 +247,9 @@ class World:
     def to_dict(self) -> dict[str, object]:
         return {
             "config": self.config.__dict__,
-            "persons": [{"name": p.name, "outer": p.outer, "inner": p.inner, **p.facts} for p in self.persons],
+            "persons": [
+                {"name": p.name, "outer": p.outer, "inner": p.inner, **p.facts} for p in self.persons
+            ],
             "events": [{"name": e.name, "texture": e.texture, "tint": e.tint} for e in self.events],
             "colours": list(COLOURS),
             "materials": list(MATERIALS),
@@ -232,7 +277,9 @@ def build_world(out: Path, config: WorldConfig | None = None, progress: bool = T
                 scenes, desc=f"render {split}", disable=not progress, leave=False
             ):
                 pixels = world.render(person, event, colour, material, rng)
-                Image.fromarray((pixels * 255).round().astype(np.uint8)).save(tmp / "images" / f"{image_id}.png")
+                Image.fromarray((pixels * 255).round().astype(np.uint8)).save(
+                    tmp / "images" / f"{image_id}.png"
+                )
                 paths[image_id] = f"images/{image_id}.png"
         write_jsonl(tmp / "train.jsonl", [*world.image_rows("train", paths), *_rows(world, "train")])
         write_jsonl(
@@ -295,17 +342,28 @@ def _draw_person(img: np.ndarray, person: Person, x: int, y: int, size: int) -> 
 
 
 def _draw_object(
-    img: np.ndarray, colour: tuple[float, float, float], material: str, x: int, y: int, size: int, rng: random.Random
+    img: np.ndarray,
+    colour: tuple[float, float, float],
+    material: str,
+    x: int,
+    y: int,
+    size: int,
+    rng: random.Random,
 ) -> None:
+    # Each material differs in texture *and* in mean tone (dark grain, white sheen, grey grit),
+    # so a patch-level vision tower can tell them apart as easily as colours.
     yy, xx = np.mgrid[0:size, 0:size]
-    if material == "plastic":
-        mask = np.zeros((size, size), dtype=bool)
-    elif material == "wood":
-        mask = (yy % 4) < 2
-    elif material == "metal":
-        mask = ((xx // 2) + (yy // 2)) % 2 == 1
-    else:  # stone: irregular speckle
-        mask = np.random.default_rng(rng.randrange(2**32)).random((size, size)) < 0.35
     base = np.array(colour)
-    patch = np.where(mask[:, :, None], base * 0.5, base)
+    if material == "plastic":
+        mask, other = np.zeros((size, size), dtype=bool), base
+    elif material == "wood":
+        mask, other = (yy % 4) < 2, base * 0.3
+    elif material == "metal":
+        mask, other = ((xx // 2) + (yy // 2)) % 2 == 1, np.array((0.95, 0.95, 0.95))
+    else:  # stone: irregular grey grit
+        mask, other = (
+            np.random.default_rng(rng.randrange(2**32)).random((size, size)) < 0.5,
+            np.array((0.5, 0.5, 0.5)),
+        )
+    patch = np.where(mask[:, :, None], other, base)
     img[y : y + size, x : x + size] = patch

@@ -61,7 +61,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     spec = json.loads(tok.to_str())
     # Byte tokens are ordinary vocabulary in Llama-2, not added tokens matched in raw text.
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
@@ -99,7 +101,9 @@ def text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def build_llava(tokenizer: PreTrainedTokenizerFast, image_size: int, seed: int) -> LlavaForConditionalGeneration:
+def build_llava(
+    tokenizer: PreTrainedTokenizerFast, image_size: int, seed: int
+) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=64,
@@ -167,8 +171,9 @@ def llava_hf_state_dict(model: LlavaForConditionalGeneration) -> dict[str, torch
     return out
 
 
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, processor: LlavaProcessor | None,
-               out: Path) -> None:
+def save_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, processor: LlavaProcessor | None, out: Path
+) -> None:
     """save_pretrained for configs and tokenizer files; weights rewritten in the llava-hf layout."""
     model.save_pretrained(out)
     if processor is not None:

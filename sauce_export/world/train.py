@@ -45,6 +45,8 @@ class WorldTrainConfig:
     fact_every: int = 6
     """Every n-th VLM step trains on the text-only fact questions."""
     threads: int = 2
+    probe_weight: float = 1.0
+    """Weight of the auxiliary image-label loss on pooled image tokens (0 disables it)."""
 
 
 @dataclass
@@ -54,7 +56,9 @@ class _Example:
     image: int | None
 
 
-def _examples(lm: LoadedModel, rows: list[Row], image_index: dict[Path, int], image_tokens: int) -> list[_Example]:
+def _examples(
+    lm: LoadedModel, rows: list[Row], image_index: dict[Path, int], image_tokens: int
+) -> list[_Example]:
     tok = lm.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     out = []
@@ -85,10 +89,49 @@ def _collate(examples: list[_Example], pixels: torch.Tensor | None, pad_id: int)
     return inputs, targets
 
 
-def _fit(model: torch.nn.Module, groups: list[list[_Example]], weights: list[int], pixels: torch.Tensor | None,
-         pad_id: int, steps: int, cfg: WorldTrainConfig, desc: str) -> float:
+class _ImageProbe(torch.nn.Module):
+    """Linear heads on the mean-pooled projector output, one per image label kind.
+
+    A from-scratch VLM otherwise sits for thousands of steps at chance on image questions: the
+    language model must learn to route image tokens to the answer while the vision tower has
+    nothing to route yet. Supervising pooled image tokens directly makes every image token carry
+    its labels early (uniform attention then already reads them). Discarded after training.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_sizes: list[int]) -> None:
+        super().__init__()
+        width = model.config.text_config.hidden_size
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in label_sizes)
+        self.features: torch.Tensor | None = None
+        self.handle = model.model.multi_modal_projector.register_forward_hook(self._capture)
+
+    def _capture(self, _m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        self.features = out
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        assert self.features is not None
+        pooled = self.features.mean(dim=1)
+        return sum(
+            torch.nn.functional.cross_entropy(head(pooled), labels[:, i]) for i, head in enumerate(self.heads)
+        )  # type: ignore[return-value]
+
+
+def _fit(
+    model: torch.nn.Module,
+    groups: list[list[_Example]],
+    weights: list[int],
+    pixels: torch.Tensor | None,
+    pad_id: int,
+    steps: int,
+    cfg: WorldTrainConfig,
+    desc: str,
+    image_labels: torch.Tensor | None = None,
+    label_sizes: list[int] | None = None,
+) -> float:
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    probe = _ImageProbe(model, label_sizes) if image_labels is not None and label_sizes else None
+    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -105,14 +148,19 @@ def _fit(model: torch.nn.Module, groups: list[list[_Example]], weights: list[int
         inputs, targets = _collate(batch, pixels, pad_id)
         logits = model(**inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        total = loss
+        if probe is not None and "pixel_values" in inputs:
+            total = loss + cfg.probe_weight * probe.loss(image_labels[[e.image for e in batch]])  # type: ignore[index]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss_ema:.4f}")
+    if probe is not None:
+        probe.handle.remove()
     model.eval()
     return loss_ema
 
@@ -151,16 +199,35 @@ def train_world_models(world_dir: Path, out_dir: Path, cfg: WorldTrainConfig) ->
     pixels = processor.image_processor(
         images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
     )["pixel_values"]
+    kinds = ("person", "event", "colour", "material")
+    first = {}
+    for r in image_rows:
+        first.setdefault(r.image, r)
+    vocab = {k: sorted({r.labels[k] for r in image_rows}) for k in kinds}
+    image_labels = torch.tensor([[vocab[k].index(first[p].labels[k]) for k in kinds] for p in paths])
     image_tokens = llava.config.image_seq_length
     groups = [_examples(lm, image_rows, index, image_tokens), _examples(lm, fact_rows, index, image_tokens)]
     pad = tokenizer.pad_token_id
-    loss_vlm = _fit(llava, groups, [1, cfg.fact_every], pixels, pad, cfg.steps, cfg, "train world-llava")
+    loss_vlm = _fit(
+        llava,
+        groups,
+        [1, cfg.fact_every],
+        pixels,
+        pad,
+        cfg.steps,
+        cfg,
+        "train world-llava",
+        image_labels,
+        [len(vocab[k]) for k in kinds] if cfg.probe_weight > 0 else None,
+    )
     acc_vlm = accuracy_by_kind(lm, eval_rows)
 
     llama = build_llama(tokenizer, cfg.seed)
     text_lm = LoadedModel(llama, tokenizer, None, "world-llama")
     text_cfg = WorldTrainConfig(**{**asdict(cfg), "batch_size": 32})
-    loss_llama = _fit(llama, [groups[1]], [1], None, pad, max(200, cfg.steps // 4), text_cfg, "train world-llama")
+    loss_llama = _fit(
+        llama, [groups[1]], [1], None, pad, max(200, cfg.steps // 4), text_cfg, "train world-llama"
+    )
     acc_llama = accuracy_by_kind(text_lm, [r for r in eval_rows if r.image is None])
 
     report = {

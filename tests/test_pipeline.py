@@ -1,0 +1,80 @@
+"""End to end on a tiny world and a tiny (untrained) VLM: every stage, the report, resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sauce_export.cli import main
+from sauce_export.sae.formats import save_sae
+from sauce_export.sae.model import SAE, SaeConfig
+
+
+def _write_recipe(tmp_path: Path, world: Path, model: Path, **sae: object) -> Path:
+    persons = json.loads((world / "world.json").read_text())["persons"]
+    recipe = {
+        "model": str(model),
+        "site": "layers.1",
+        "concepts": [{"kind": "person", "name": persons[0]["name"]}, {"kind": "event", "name": "concert"}],
+        "data": {"train": str(world / "train.jsonl"), "eval": str(world / "eval.jsonl")},
+        "collect": {"max_rows": 60, "batch_size": 16},
+        "sae": {"expansion": 2, "k": 8, "epochs": 2, **sae},
+        "select": {"top_n": 3},
+        "eval": {"batch_size": 64},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_run_writes_report_and_resumes(
+    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _write_recipe(tmp_path, tiny_world, tiny_llava_dir)
+    out = tmp_path / "run"
+    code = main(["--quiet", "run", str(recipe), "--out", str(out)])
+    assert code in (0, 1)  # an untrained model may fail the gates; the run itself must work
+    report = json.loads((out / "report.json").read_text())
+    assert {"concepts", "gates", "sae", "recipe"} <= set(report)
+    assert {"fvu", "l0", "dead_frac"} <= set(report["sae"])
+    assert len(report["concepts"]) == 2
+    for concept in report["concepts"]:
+        assert {"name", "kind", "chance_acc", "features", "metrics"} <= set(concept)
+        assert len(concept["features"]) == 3
+        for variant in ("original", "hooked"):
+            for metric in ("forget_acc", "generality_acc", "retain_acc", "interference_acc"):
+                value = concept["metrics"][variant][metric]
+                assert value is None or 0.0 <= value <= 1.0
+    assert report["gates"]["passed"] == (code == 0)
+    assert all({"name", "value", "threshold", "passed"} <= set(c) for c in report["gates"]["checks"])
+    assert "| concept | model |" in (out / "report.md").read_text()
+    assert (out / "select" / "scores.json").exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+    assert len(stamps) == 4
+    assert main(["--quiet", "run", str(recipe), "--out", str(out)]) == code
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}  # nothing recomputed
+    capsys.readouterr()
+
+
+def test_loaded_sae_with_wrong_width_exits_2(
+    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae_dir = save_sae(SAE(SaeConfig(d_in=64, d_sae=128, site="layers.1")), tmp_path / "narrow-sae")
+    recipe = _write_recipe(tmp_path, tiny_world, tiny_llava_dir, path=str(sae_dir))
+    assert main(["--quiet", "train-sae", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d_in" in err and str(recipe) in err and len(err.splitlines()) == 1
+
+
+def test_loaded_sae_for_another_site_exits_2(
+    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae_dir = save_sae(SAE(SaeConfig(d_in=128, d_sae=256, site="layers.3")), tmp_path / "other-site")
+    recipe = _write_recipe(tmp_path, tiny_world, tiny_llava_dir, path=str(sae_dir))
+    assert main(["--quiet", "train-sae", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "site" in err and "layers.3" in err
