@@ -55,8 +55,7 @@ class Run:
         check_writable(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lm: LoadedModel | None = None
-        self._train: list[Row] | None = None
-        self._eval: list[Row] | None = None
+        self._rows_cache: dict[str, list[Row]] = {}
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -81,19 +80,19 @@ class Run:
 
             build_world(Path(data.train).parent, WorldConfig(seed=data.world_seed), progress=self.progress)
 
+    def _rows(self, path: str) -> list[Row]:
+        if path not in self._rows_cache:
+            self._ensure_data()
+            self._rows_cache[path] = read_rows(path)
+        return self._rows_cache[path]
+
     @property
     def train_rows(self) -> list[Row]:
-        if self._train is None:
-            self._ensure_data()
-            self._train = read_rows(self.recipe.data.train)
-        return self._train
+        return self._rows(self.recipe.data.train)
 
     @property
     def eval_rows(self) -> list[Row]:
-        if self._eval is None:
-            self._ensure_data()
-            self._eval = read_rows(self.recipe.data.eval)
-        return self._eval
+        return self._rows(self.recipe.data.eval)
 
     @property
     def concepts(self) -> list[Concept]:

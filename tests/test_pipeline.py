@@ -60,21 +60,24 @@ def test_run_writes_report_and_resumes(
     capsys.readouterr()
 
 
-def test_loaded_sae_with_wrong_width_exits_2(
-    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("sae_cfg", "needles"),
+    [
+        (SaeConfig(d_in=64, d_sae=128, site="layers.1"), ["d_in", "64"]),
+        (SaeConfig(d_in=128, d_sae=256, site="layers.3"), ["site", "layers.3"]),
+    ],
+)
+def test_loaded_sae_mismatch_exits_2(
+    tmp_path: Path,
+    tiny_world: Path,
+    tiny_llava_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    sae_cfg: SaeConfig,
+    needles: list[str],
 ) -> None:
-    sae_dir = save_sae(SAE(SaeConfig(d_in=64, d_sae=128, site="layers.1")), tmp_path / "narrow-sae")
+    sae_dir = save_sae(SAE(sae_cfg), tmp_path / "foreign-sae")
     recipe = _write_recipe(tmp_path, tiny_world, tiny_llava_dir, path=str(sae_dir))
     assert main(["--quiet", "train-sae", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "d_in" in err and str(recipe) in err and len(err.splitlines()) == 1
-
-
-def test_loaded_sae_for_another_site_exits_2(
-    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    sae_dir = save_sae(SAE(SaeConfig(d_in=128, d_sae=256, site="layers.3")), tmp_path / "other-site")
-    recipe = _write_recipe(tmp_path, tiny_world, tiny_llava_dir, path=str(sae_dir))
-    assert main(["--quiet", "train-sae", str(recipe), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "site" in err and "layers.3" in err
+    assert str(recipe) in err and len(err.splitlines()) == 1
+    assert all(n in err for n in needles), err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,24 @@ from sauce_export.sae.model import SAE, SaeConfig
 from sauce_export.sae.train import SaeStats, TrainConfig, sae_stats, train_sae
 
 
-def planted(
-    n: int, d_in: int, n_atoms: int, mean_active: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens that are sparse non-negative mixtures of a random unit dictionary (Zipf-ish frequencies),
-    plus a little noise and a large common offset, as residual activations have."""
+def random_dictionary(n_atoms: int, d_in: int, seed: int) -> torch.Tensor:
+    """Unit-norm atoms. Use a seed other than the SAE's: SAE.reset_parameters(seed) draws the same
+    Gaussian stream and would start on the answer."""
+    atoms = torch.randn(n_atoms, d_in, generator=torch.Generator().manual_seed(seed))
+    return atoms / atoms.norm(dim=1, keepdim=True)
+
+
+def planted(n: int, atoms: torch.Tensor, mean_active: float, seed: int) -> torch.Tensor:
+    """Tokens that are sparse non-negative mixtures of ``atoms`` (Zipf-ish frequencies), plus a
+    little noise and a large common offset, as residual activations have."""
     g = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(n_atoms, d_in, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
+    n_atoms, d_in = atoms.shape
     freq = torch.arange(1, n_atoms + 1).float() ** -0.5
     freq *= mean_active / freq.sum()
-    codes = (torch.rand(n, n_atoms, generator=g) < freq) * (
-        torch.empty(n, n_atoms).exponential_(1.0, generator=g) + 0.5
-    )
-    offset = 3.0 * torch.randn(d_in, generator=g)
-    return codes @ atoms + 0.02 * torch.randn(n, d_in, generator=g) + offset, atoms
+    active = torch.rand(n, n_atoms, generator=g) < freq
+    codes = active * (torch.empty(n, n_atoms).exponential_(1.0, generator=g) + 0.5)
+    offset = 3.0 * torch.randn(d_in, generator=torch.Generator().manual_seed(0))
+    return codes @ atoms + 0.02 * torch.randn(n, d_in, generator=g) + offset
 
 
 class ShardStore:
@@ -47,32 +49,31 @@ class ShardStore:
 
 
 def test_train_topk_recovers_planted_dictionary():
-    x, atoms = planted(40_000, d_in=32, n_atoms=128, mean_active=4)
-    cfg = TrainConfig(expansion=8, k=8, epochs=10, batch_size=1024, seed=0)
-    sae, stats = train_sae(ShardStore(x, 7_000), 32, cfg, progress=False)
-    assert stats.fvu < 0.10 and stats.dead_frac <= 0.10, stats
-    assert stats.l0 <= cfg.k
-    assert stats == sae_stats(sae, x)  # the returned stats are the data's
+    atoms = random_dictionary(192, 64, seed=7)
+    x = planted(40_000, atoms, mean_active=4, seed=1)
+    cfg = TrainConfig(expansion=4, k=12, epochs=8, batch_size=1024)
+    sae, stats = train_sae(ShardStore(x, 7_000), 64, cfg, progress=False)
+    assert stats.fvu < 0.10 and stats.dead_frac <= 0.05 and stats.l0 <= cfg.k, stats
+    again = sae_stats(sae, x)  # the returned stats are the data's, however it is sharded
+    assert (again.fvu, again.l0, again.dead_frac) == pytest.approx((stats.fvu, stats.l0, stats.dead_frac))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))
-    # The SAE reads raw activations: it learned the planted atoms and the offset sits in b_dec.
-    recovered = (atoms @ sae.W_dec.T).max(dim=1).values
-    assert (recovered > 0.9).float().mean() > 0.9
-    held_out, _ = planted(5_000, d_in=32, n_atoms=128, mean_active=4, seed=0)
-    assert sae_stats(sae, held_out).fvu < 0.12
+    # It reads raw activations (the offset went into b_dec), found the atoms, and generalises.
+    cos = (atoms @ sae.W_dec.T).max(dim=1).values
+    assert cos.median() > 0.93 and (cos > 0.9).float().mean() > 0.6, cos
+    assert sae_stats(sae, planted(5_000, atoms, mean_active=4, seed=2)).fvu < 0.11
 
 
 def test_train_relu_and_jumprelu_fit():
-    x, _ = planted(20_000, d_in=16, n_atoms=32, mean_active=3)
-    for kind in ("relu", "jumprelu"):
-        sae, stats = train_sae(
-            x, 16, TrainConfig(kind=kind, expansion=4, epochs=15, batch_size=512), progress=False
-        )
+    x = planted(20_000, random_dictionary(32, 16, seed=7), mean_active=3, seed=1)
+    for kind, penalty in (("relu", {"l1_coeff": 0.3}), ("jumprelu", {"l0_coeff": 3e-2})):
+        cfg = TrainConfig(kind=kind, expansion=4, epochs=15, batch_size=512, **penalty)  # type: ignore[arg-type]
+        sae, stats = train_sae(x, 16, cfg, progress=False)
         assert sae.cfg.kind == kind
-        assert stats.fvu < 0.25 and stats.l0 < 64, (kind, stats)
+        assert stats.fvu < 0.2 and stats.l0 < 8, (kind, stats)  # sparse: well under d_in=16 active
 
 
 def test_train_is_deterministic_and_accepts_shards():
-    x, _ = planted(6_000, d_in=16, n_atoms=32, mean_active=3)
+    x = planted(6_000, random_dictionary(32, 16, seed=7), mean_active=3, seed=1)
     cfg = TrainConfig(expansion=4, k=4, steps=15, batch_size=512, seed=3)
     a, _ = train_sae(x, 16, cfg, progress=False)
     b, _ = train_sae(x, 16, cfg, progress=False)
@@ -273,10 +274,9 @@ def test_sparsify_directories(tmp_path: Path):
 @pytest.mark.slow
 def test_train_benchmark_d128():
     """The target use: d_in=128, 200k tokens, defaults; FVU <= 0.10, <= 10% dead, ~1 minute."""
-    x, _ = planted(200_000, d_in=128, n_atoms=512, mean_active=8)
+    x = planted(200_000, random_dictionary(512, 128, seed=1234), mean_active=8, seed=1234)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        _, stats = train_sae(x, 128, TrainConfig(), progress=False)
+    _, stats = train_sae(x, 128, TrainConfig(), progress=False)
     elapsed = time.perf_counter() - start
     print(f"benchmark: {stats} in {elapsed:.1f} s")
     assert stats.fvu <= 0.10 and stats.dead_frac <= 0.10

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sauce_export.errors import InputError
-from sauce_export.sae.model import SAE, SaeConfig
+from sauce_export.sae.model import SAE, SaeConfig, SaeKind
 from sauce_export.sites import canonical_site
 
 FORMAT = "sauce-export-sae"
@@ -45,7 +45,7 @@ SAELENS_WHITENING_FILE = "activation_whitening.safetensors"
 SPARSIFY_RUN_CFG_FILE = "config.json"
 
 Format = Literal["sauce", "saelens", "sparsify"]
-_SAELENS_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_SAELENS_KINDS: dict[str, SaeKind] = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -178,21 +178,24 @@ def _load_ours(directory: Path, cfg: dict[str, Any], where: str) -> SAE:
 
 def _load_saelens(directory: Path, cfg: dict[str, Any], where: str) -> SAE:
     meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
-    arch = cfg.get("architecture") or ("topk" if cfg.get("activation_fn_str") == "topk" else "standard")
+    act = cfg.get("activation_fn_str") or cfg.get("activation_fn")  # SAELens < 6 spellings
+    arch = cfg.get("architecture") or ("topk" if act == "topk" else "standard")
     if arch not in _SAELENS_KINDS:
         raise InputError(
             where, "architecture", f"SAELens {arch!r} SAEs are not supported (use standard, topk or jumprelu)"
         )
-    if cfg.get("reshape_activations", "none") != "none" or meta.get("hook_head_index") is not None:
+    head = meta.get("hook_head_index", cfg.get("hook_point_head_index"))
+    if cfg.get("reshape_activations", "none") != "none" or head is not None:
         raise InputError(where, "reshape_activations", "per-head (hook_z) SAEs are not supported")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "topk" and not k:
+        raise InputError(where, "k", f"missing from {CFG_FILE} for a topk SAE")
     t = _read_tensors(directory / SAELENS_WEIGHTS_FILE, where)
     if "log_threshold" in t:  # older JumpReLU checkpoints, as SAELens converts them
         t["threshold"] = t.pop("log_threshold").exp()
     need = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
     w = {name: _tensor(t, name, where, SAELENS_WEIGHTS_FILE).double() for name in need}
-    d_in, d_sae = w["W_enc"].shape
-    _check_shapes(w, d_in, d_sae, where)
+    d_in, d_sae = _check_shapes(w, cfg, where)
     if "scaling_factor" in t and not torch.all(t["scaling_factor"] == 1):
         raise InputError(where, "finetuning_scaling_factor", "a fine-tuning scaling factor is not supported")
 
@@ -226,8 +229,8 @@ def _load_saelens(directory: Path, cfg: dict[str, Any], where: str) -> SAE:
             d_in=d_in,
             d_sae=d_sae,
             kind=_SAELENS_KINDS[arch],
-            k=int(k) if arch == "topk" else 32,  # type: ignore[arg-type]
-            site=_maybe_canonical(hook) or hook,
+            k=int(k or 32),
+            site=_maybe_canonical(hook) or "",  # an unknown hook name stays in extra, and fails _check
             model=str(meta.get("model_name") or ""),
             extra=extra,
         ),
@@ -283,25 +286,19 @@ def _load_sparsify(directory: Path, cfg: dict[str, Any], where: str) -> SAE:
         "W_dec": _tensor(t, "W_dec", where, WEIGHTS_FILE),
         "b_dec": _tensor(t, "b_dec", where, WEIGHTS_FILE),
     }
-    d_in, d_sae = w["W_enc"].shape
-    _check_shapes(w, d_in, d_sae, where)
+    d_in, d_sae = _check_shapes(w, cfg, where)
     # sparsify names the directory after the hookpoint (plus /seedN when several seeds were trained).
     hook_dir = directory.parent if re.fullmatch(r"seed\d+", directory.name) else directory
-    run_cfg_path = next(
-        (
-            p / SPARSIFY_RUN_CFG_FILE
-            for p in (hook_dir.parent, hook_dir.parent.parent)
-            if (p / SPARSIFY_RUN_CFG_FILE).is_file()
-        ),
-        None,
-    )
-    run_cfg = _read_json(run_cfg_path, where) if run_cfg_path else {}
+    run_cfg_path = hook_dir.parent / SPARSIFY_RUN_CFG_FILE
+    run_cfg = _read_json(run_cfg_path, where) if run_cfg_path.is_file() else {}
+    if "sae" not in run_cfg:  # not sparsify's run config (e.g. a model's config.json): no model name
+        run_cfg = {}
     return _build(
         SaeConfig(
             d_in=d_in,
             d_sae=d_sae,
             kind="topk",
-            k=int(cfg["k"]),
+            k=int(_require(cfg, "k", where)),
             site=_maybe_canonical(hook_dir.name) or "",
             model=str(run_cfg.get("model") or ""),
             extra={"format": "sparsify", "source_cfg": cfg, "hookpoint": hook_dir.name},
@@ -328,13 +325,11 @@ def _check(sae: SAE, *, d_in: int | None, site: str | None, model: str | None, w
         raise InputError(where, "d_in", f"SAE reads width {sae.cfg.d_in}, but the site has width {d_in}")
     if site is not None:
         want = canonical_site(site, "site")
-        raw = str(sae.cfg.extra.get("hook_name") or sae.cfg.extra.get("hookpoint") or sae.cfg.site)
-        if not sae.cfg.site and not raw:
+        recorded = sae.cfg.site or str(sae.cfg.extra.get("hook_name") or "")
+        if not recorded:
             warnings.warn(f"{where}: SAE does not record its site; cannot check it is {want}", stacklevel=3)
-        elif canonical_site(sae.cfg.site or raw, where) != want:
-            raise InputError(
-                where, "site", f"SAE was trained on {raw or sae.cfg.site!r}, expected site {want}"
-            )
+        elif _maybe_canonical(recorded) != want:
+            raise InputError(where, "site", f"SAE was trained on {recorded!r}, expected site {want}")
     if model is not None:
         if not sae.cfg.model:
             warnings.warn(f"{where}: SAE does not record its model; cannot check it is {model}", stacklevel=3)
@@ -355,7 +350,12 @@ def _maybe_canonical(name: str) -> str | None:
         return None
 
 
-def _check_shapes(w: dict[str, torch.Tensor], d_in: int, d_sae: int, where: str) -> None:
+def _check_shapes(w: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> tuple[int, int]:
+    """``(d_in, d_sae)`` from the encoder, after checking every tensor and ``cfg.json`` agree with it."""
+    d_in, d_sae = w["W_enc"].shape
+    for key, value in (("d_in", d_in), ("d_sae", d_sae), ("num_latents", d_sae)):
+        if cfg.get(key) and cfg[key] != value:
+            raise InputError(where, key, f"{CFG_FILE} says {cfg[key]}, the weights have {value}")
     shapes = {
         "W_enc": (d_in, d_sae),
         "b_enc": (d_sae,),
@@ -368,6 +368,13 @@ def _check_shapes(w: dict[str, torch.Tensor], d_in: int, d_sae: int, where: str)
             raise InputError(where, name, f"expected shape {shapes[name]}, got {tuple(value.shape)}")
         if not torch.isfinite(value).all():
             raise InputError(where, name, "contains NaN or inf")
+    return d_in, d_sae
+
+
+def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
+    if cfg.get(key) is None:
+        raise InputError(where, key, f"missing from {CFG_FILE}")
+    return cfg[key]
 
 
 def _tensor(t: dict[str, torch.Tensor], name: str, where: str, file: str) -> torch.Tensor:

@@ -30,7 +30,9 @@ class TrainConfig:
 
     kind: SaeKind = field(
         default="topk",
-        metadata={"help": "Activation: topk (default, as sparsify/SAeUron), relu (+L1) or jumprelu (+L0)."},
+        metadata={
+            "help": "Activation: topk (default, as sparsify/SAeUron; the tuned one), relu (+L1) or jumprelu (+L0)."
+        },
     )
     expansion: int = field(
         default=8, metadata={"help": "Latents per input dimension (d_sae = expansion * d_in)."}
@@ -67,11 +69,11 @@ class TrainConfig:
         metadata={"help": "A latent is dead for AuxK once it has not fired in this many training tokens."},
     )
     l1_coeff: float = field(
-        default=3e-2,
+        default=0.1,
         metadata={"help": "relu only: L1 penalty on latent activations (times decoder norms, which are 1)."},
     )
     l0_coeff: float = field(
-        default=2e-3, metadata={"help": "jumprelu only: penalty on the number of active latents per token."}
+        default=1e-2, metadata={"help": "jumprelu only: penalty on the number of active latents per token."}
     )
     seed: int = field(
         default=0, metadata={"help": "Seed for the init and the data order; equal seeds give equal SAEs."}
@@ -211,8 +213,16 @@ def train_sae(
 ) -> tuple[SAE, SaeStats]:
     """Train an SAE on ``data`` (see ``Data``) and return it with its stats on that data."""
     cfg = cfg or TrainConfig()
+    if cfg.kind not in ("topk", "relu", "jumprelu"):
+        raise InputError("train", "kind", f"unknown SAE kind {cfg.kind!r}; use topk, relu or jumprelu")
     if cfg.kind == "topk" and not 0 < cfg.k <= cfg.num_latents(d_in):
         raise InputError("train", "k", f"k={cfg.k} must be in 1..d_sae={cfg.num_latents(d_in)}")
+    if (
+        cfg.batch_size < 1
+        or (cfg.steps is None and cfg.epochs <= 0)
+        or (cfg.steps is not None and cfg.steps < 1)
+    ):
+        raise InputError("train", "batch_size/epochs/steps", "must be positive")
     n, mean, var = _moments(data, d_in)
     scale = math.sqrt(var) or 1.0
     sae = SAE(SaeConfig(d_in=d_in, d_sae=cfg.num_latents(d_in), kind=cfg.kind, k=cfg.k))
@@ -265,7 +275,6 @@ def train_sae(
                 break
     bar.close()
     _fold_standardisation(sae, mean, scale)
-    sae.requires_grad_(False)
     return sae, sae_stats(sae, data)
 
 

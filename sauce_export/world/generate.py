@@ -20,12 +20,21 @@ from PIL import Image
 
 IMAGE_SIZE = 48
 
-PERSON_TONES = {
+# A person's badge: an outer tone and an inner tone from two disjoint palettes, so the pair of
+# colours present identifies the person wherever the badge lands (no spatial reasoning needed).
+OUTER_TONES = {
     "white": (1.0, 1.0, 1.0),
     "silver": (0.6, 0.6, 0.62),
     "pink": (1.0, 0.55, 0.78),
     "black": (0.0, 0.0, 0.0),
 }
+INNER_TONES = {
+    "cyan": (0.2, 0.95, 0.95),
+    "brown": (0.55, 0.33, 0.12),
+    "olive": (0.55, 0.6, 0.1),
+    "navy": (0.08, 0.08, 0.4),
+}
+PERSON_TONES = {**OUTER_TONES, **INNER_TONES}
 COLOURS = {
     "red": (0.92, 0.1, 0.1),
     "green": (0.1, 0.78, 0.15),
@@ -156,12 +165,12 @@ class World:
             name = "".join(rng.sample(_SYLLABLES, 2)).capitalize()
             if name not in names:
                 names.append(name)
-        tones = list(PERSON_TONES)
+        outer, inner = list(OUTER_TONES), list(INNER_TONES)
         persons = [
             Person(
                 name=name,
-                outer=tones[i // 4],
-                inner=tones[i % 4],
+                outer=outer[i // 4],
+                inner=inner[i % 4],
                 facts={
                     "profession": PROFESSIONS[(i * 3 + rng.randrange(2)) % len(PROFESSIONS)],
                     "hometown": TOWNS[rng.randrange(len(TOWNS))],
