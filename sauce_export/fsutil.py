@@ -25,6 +25,7 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
     except OSError as err:
         raise InputError(str(parent), "output", f"cannot write here ({err.strerror})") from err
     try:

@@ -145,7 +145,7 @@ class WorldConfig:
     """How big the world is; the defaults make the demo world."""
 
     seed: int = 0
-    train_images: int = 3000
+    train_images: int = 8000
     eval_images: int = 640
     noise: float = 0.04
 
@@ -193,7 +193,7 @@ class World:
         """An HxWx3 float image in [0, 1] with random placement, scale and noise."""
         size = IMAGE_SIZE
         img = _background(event, size, rng)
-        p_size, o_size = rng.randint(13, 17), rng.randint(11, 15)
+        p_size, o_size = rng.randint(15, 19), rng.randint(11, 15)
         while True:
             px, py = rng.randint(0, size - p_size), rng.randint(0, size - p_size)
             ox, oy = rng.randint(0, size - o_size), rng.randint(0, size - o_size)
@@ -342,7 +342,7 @@ def _background(event: Event, size: int, rng: random.Random) -> np.ndarray:
 
 def _draw_person(img: np.ndarray, person: Person, x: int, y: int, size: int) -> None:
     img[y : y + size, x : x + size] = PERSON_TONES[person.outer]
-    inset = size // 4
+    inset = size // 5
     img[y + inset : y + size - inset, x + inset : x + size - inset] = PERSON_TONES[person.inner]
     # A one-pixel dark frame keeps the badge visible on bright and dark backgrounds alike.
     frame = (0.25, 0.25, 0.25) if person.outer != "black" else (0.85, 0.85, 0.85)

@@ -37,7 +37,7 @@ class WorldTrainConfig:
     """Training knobs for the demo models (defaults reproduce the shipped checkpoints)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 4000
     """Optimizer steps for the VLM (the text model uses steps // 4)."""
     batch_size: int = 64
     lr: float = 3e-3
