@@ -37,9 +37,11 @@ from sauce_export.sae.train import sae_stats, train_sae
 from sauce_export.select import (
     concept_stats,
     contrast_scores,
+    mean_activations,
     saeuron_scores,
     save_scores,
     select_features,
+    specific_scores,
     union_features,
 )
 from sauce_export.sites import parse_site
@@ -180,17 +182,7 @@ class Run:
             rows = self._sample_rows()
             scores, selected = {}, {}
             for concept in self.concepts:
-                _pos_rows, _ = concept_split(rows, concept, r.path)
-                pos_idx = torch.tensor([i for i, row in enumerate(rows) if concept.matches(row)])
-
-                def keep(shard: Any, positive: bool, pos_idx: torch.Tensor = pos_idx) -> torch.Tensor:
-                    mask = torch.isin(shard.row, pos_idx) == positive
-                    return mask & ~shard.answer if r.select.tokens == "prompt" else mask
-
-                stats = concept_stats(
-                    sae, store.tokens(lambda s: keep(s, True)), store.tokens(lambda s: keep(s, False))
-                )
-                score = saeuron_scores(stats) if r.select.method == "saeuron" else contrast_scores(stats)
+                score = concept_scores(sae, store, rows, concept, r.select.method, r.select.tokens, r.path)
                 chosen = select_features(score, top_n=r.select.top_n, percentile=r.select.percentile)
                 if not chosen:
                     raise InputError(r.path, "select", f"no feature scores above 0 for {concept}")
@@ -265,6 +257,46 @@ class Run:
             return {"concepts": concepts}
 
         return self._stage("eval", key, body)
+
+
+def concept_scores(
+    sae: SAE, store: ActivationStore, rows: list[Row], concept: Concept, method: str, tokens: str, where: str
+) -> torch.Tensor:
+    """Score every latent for one concept from the stored activations of ``rows``."""
+    concept_split(rows, concept, where)  # fails loudly on an empty concept set
+
+    def token_filter(row_ids: list[int]) -> Callable[[Any], torch.Tensor]:
+        ids = torch.tensor(row_ids, dtype=torch.long)
+
+        def keep(shard: Any) -> torch.Tensor:
+            mask = torch.isin(shard.row, ids)
+            return mask & ~shard.answer if tokens == "prompt" else mask
+
+        return keep
+
+    positives = [i for i, row in enumerate(rows) if concept.matches(row)]
+    if method == "specific":
+        siblings = sorted(
+            {row.labels[concept.kind] for row in rows if concept.kind in row.labels} - {concept.name}
+        )
+        if not siblings:
+            raise InputError(
+                where, "select.method", f"'specific' needs other {concept.kind} values to compare with"
+            )
+        mu_target = mean_activations(sae, store.tokens(token_filter(positives)))
+        mu_others = [
+            mean_activations(
+                sae,
+                store.tokens(
+                    token_filter([i for i, row in enumerate(rows) if row.labels.get(concept.kind) == v])
+                ),
+            )
+            for v in siblings
+        ]
+        return specific_scores(mu_target, mu_others)
+    negatives = [i for i, row in enumerate(rows) if not concept.matches(row)]
+    stats = concept_stats(sae, store.tokens(token_filter(positives)), store.tokens(token_filter(negatives)))
+    return saeuron_scores(stats) if method == "saeuron" else contrast_scores(stats)
 
 
 def hooked_gates(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,8 +58,10 @@ class SaeSection(TrainConfig):
 
 @dataclass
 class SelectSection:
-    method: Literal["saeuron", "contrast"] = _f(
-        "saeuron", "Feature score: SAeUron normalised mean difference or SAUCE-style contrast."
+    method: Literal["saeuron", "contrast", "specific"] = _f(
+        "saeuron",
+        "Feature score: saeuron (normalised mean difference vs the rest), contrast (SAUCE-style firing-rate "
+        "contrast) or specific (share on the target minus the largest share on any sibling of the same kind).",
     )
     top_n: int | None = _f(8, "Keep the n best-scoring features per concept.")
     percentile: float | None = _f(

@@ -93,6 +93,26 @@ def contrast_scores(stats: ConceptStats) -> torch.Tensor:
     return (stats.freq_pos - stats.freq_neg) * strength
 
 
+def mean_activations(sae: SAE, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-latent mean activation over some tokens (one concept value's, for ``specific_scores``)."""
+    return _accumulate(sae, chunks, "group")[0]
+
+
+def specific_scores(mu_target: torch.Tensor, mu_others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A latent's activation share on the target minus its largest share on any *single* sibling.
+
+    Siblings are the other values of the same kind (the other persons). SAeUron's score compares
+    against the pooled rest, where a latent shared by the target and a few siblings (the badge's
+    outer colour, common to 4 of 16 persons) still looks concept-specific, and clamping it then
+    erases those siblings too. Comparing against the worst sibling ranks such latents low.
+    """
+
+    def share(mu: torch.Tensor) -> torch.Tensor:
+        return mu / (mu.sum() + _EPS)
+
+    return share(mu_target) - torch.stack([share(m) for m in mu_others]).max(dim=0).values
+
+
 def select_features(
     scores: torch.Tensor,
     top_n: int | None = None,

@@ -136,3 +136,16 @@ def test_save_and_load_scores(tmp_path, stats: ConceptStats) -> None:
 def test_bad_chunk_shape_is_input_error() -> None:
     with pytest.raises(InputError):
         concept_stats(dictionary_sae(), [torch.zeros(3, D + 1)], [torch.zeros(3, D)])
+
+
+def test_specific_scores_demote_latents_shared_with_one_sibling() -> None:
+    from sauce_export.select import specific_scores
+
+    # latent 0: only the target; latent 1: target and sibling A equally; latent 2: everywhere.
+    target = torch.tensor([1.0, 1.0, 1.0])
+    sibling_a = torch.tensor([0.0, 1.0, 1.0])
+    sibling_b = torch.tensor([0.0, 0.0, 1.0])
+    scores = specific_scores(target, [sibling_a, sibling_b])
+    assert scores.argmax().item() == 0
+    assert scores[1] <= 0 and scores[2] <= 0
+    assert select_features(scores, top_n=3) == [0]
