@@ -44,9 +44,6 @@ class Shard:
     image: torch.Tensor
     answer: torch.Tensor
 
-    def select(self, mask: torch.Tensor) -> Shard:
-        return Shard(self.acts[mask], self.row[mask], self.pos[mask], self.image[mask], self.answer[mask])
-
 
 class ActivationStore:
     """A directory of shards; iterating yields one shard at a time (re-iterable)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -90,31 +91,44 @@ class Batch:
     rows: Sequence[Row]
 
 
+def answer_text(lm: LoadedModel, row: Row) -> tuple[str, str]:
+    """(prompt, prompt + answer + EOS) in the model's chat format: what is trained and scored."""
+    prompt = chat_prompt(lm, row.prompt, row.image is not None)
+    return prompt, prompt + " " + row.answer + lm.tokenizer.eos_token
+
+
+def answer_length(tokenizer: Any, prompt: str, full: str) -> int:
+    """Tokens the answer adds (answer + EOS), image placeholders unexpanded on both sides."""
+    return len(tokenizer(full).input_ids) - len(tokenizer(prompt).input_ids)
+
+
+def answer_targets(
+    ids: torch.Tensor, lengths: Sequence[int], n_answer: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets) for right-padded rows: logits at position t predict token t+1, so the
+    answer tokens ``[length - n, length)`` are targets at positions ``[length - n - 1, length - 1)``."""
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    targets = torch.full_like(ids, -100)
+    for i, (length, n) in enumerate(zip(lengths, n_answer, strict=True)):
+        mask[i, length - n - 1 : length - 1] = True
+        targets[i, length - n - 1 : length - 1] = ids[i, length - n : length]
+    return mask, targets
+
+
 def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
     """Prompt + answer + EOS for every row; rows must all have images or all have none."""
-    tok = lm.tokenizer
     has_image = rows[0].image is not None
     if any((r.image is not None) != has_image for r in rows):
         raise ValueError("encode_batch needs rows that all have, or all lack, an image")
-    prompts = [chat_prompt(lm, r.prompt, has_image) for r in rows]
-    fulls = [p + " " + r.answer + tok.eos_token for p, r in zip(prompts, rows, strict=True)]
-    n_answer = [
-        len(tok(f, add_special_tokens=True).input_ids) - len(tok(p, add_special_tokens=True).input_ids)
-        for p, f in zip(prompts, fulls, strict=True)
-    ]
+    texts = [answer_text(lm, r) for r in rows]
+    fulls = [full for _, full in texts]
+    n_answer = [answer_length(lm.tokenizer, prompt, full) for prompt, full in texts]
     if has_image:
         images = [Image.open(r.image).convert("RGB") for r in rows]  # type: ignore[arg-type]
         enc = lm.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
     else:
-        enc = tok(fulls, padding=True, padding_side="right", return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    lengths = mask.sum(1)
-    answer_mask = torch.zeros_like(mask, dtype=torch.bool)
-    targets = torch.full_like(ids, -100)
-    for i, (length, n) in enumerate(zip(lengths.tolist(), n_answer, strict=True)):
-        # logits at position t predict token t+1: answer tokens occupy [length-n, length).
-        answer_mask[i, length - n - 1 : length - 1] = True
-        targets[i, length - n - 1 : length - 1] = ids[i, length - n : length]
+        enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt")
+    answer_mask, targets = answer_targets(enc["input_ids"], enc["attention_mask"].sum(1).tolist(), n_answer)
     return Batch(dict(enc), answer_mask, targets, rows)
 
 

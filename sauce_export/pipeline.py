@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sauce_export.activations import ActivationStore, CollectConfig, collect
-from sauce_export.architectures import num_layers
+from sauce_export.architectures import resolve_site
 from sauce_export.data import Concept, Row, concept_split, read_rows
 from sauce_export.edit import Edit
 from sauce_export.errors import InputError
@@ -46,8 +46,6 @@ from sauce_export.select import (
 )
 from sauce_export.sites import parse_site
 
-STAGES = ("collect", "train-sae", "select", "eval")
-
 
 class Run:
     """One recipe executed into one output directory."""
@@ -58,20 +56,17 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lm: LoadedModel | None = None
         self._rows_cache: dict[str, list[Row]] = {}
+        # Later stages ask for earlier ones repeatedly; each is resolved (and loaded) once per Run.
+        self._store: ActivationStore | None = None
+        self._sae: SAE | None = None
+        self._selected: dict[str, list[int]] | None = None
 
     # ------------------------------------------------------------------ inputs
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
             self._lm = load_model(self.recipe.model, where=self.recipe.path)
-            site = parse_site(self.recipe.site, self.recipe.path)
-            layers = num_layers(self._lm.model)
-            if not 0 <= site.layer < layers:
-                raise InputError(
-                    self.recipe.path,
-                    "site",
-                    f"layer {site.layer} out of range: model has layers 0..{layers - 1}",
-                )
+            resolve_site(self._lm.model, self.recipe.site, self.recipe.path)  # fail before any work
         return self._lm
 
     def _ensure_data(self) -> None:
@@ -129,6 +124,11 @@ class Run:
 
     # ------------------------------------------------------------------ stages
     def collect(self) -> ActivationStore:
+        if self._store is None:
+            self._store = self._collect()
+        return self._store
+
+    def _collect(self) -> ActivationStore:
         r = self.recipe
         cfg = CollectConfig(
             site=str(parse_site(r.site, r.path)),
@@ -146,6 +146,11 @@ class Run:
         return ActivationStore(self.out / "collect" / "acts")
 
     def sae(self) -> SAE:
+        if self._sae is None:
+            self._sae = self._train_sae()
+        return self._sae
+
+    def _train_sae(self) -> SAE:
         r = self.recipe
         key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
         expected_site = str(parse_site(r.site, r.path))
@@ -154,10 +159,10 @@ class Run:
             store = self.collect()
             if r.sae.path:
                 sae = load_sae(r.sae.path, d_in=store.d_in, site=expected_site, where=r.path)
+                stats = sae_stats(sae, store)
             else:
-                sae, _ = train_sae(store, store.d_in, r.sae.train_config(), progress=self.progress)
+                sae, stats = train_sae(store, store.d_in, r.sae.train_config(), progress=self.progress)
                 sae.cfg.site, sae.cfg.model = expected_site, r.model
-            stats = sae_stats(sae, store)
             save_sae(sae, directory / "sae")
             return {
                 "fvu": stats.fvu,
@@ -173,6 +178,11 @@ class Run:
         return load_sae(self.out / "train-sae" / "sae")
 
     def select(self) -> dict[str, list[int]]:
+        if self._selected is None:
+            self._selected = self._select()
+        return self._selected
+
+    def _select(self) -> dict[str, list[int]]:
         r = self.recipe
         sae = self.sae()
         key = {"sae": self.sae_info, "select": asdict(r.select), "concepts": [str(c) for c in self.concepts]}

@@ -8,8 +8,6 @@ fields are InputErrors naming the file and the dotted field.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,22 +120,6 @@ class Recipe:
     )
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     path: str = field(default="", metadata={"help": "(set by the loader) the recipe file", "internal": True})
-
-    def resolve(self, relative: str) -> Path:
-        """Paths in a recipe are relative to the working directory (like make), else absolute."""
-        return Path(relative).expanduser()
-
-    def section_hash(self, *names: str) -> str:
-        payload = {n: _plain(getattr(self, n)) for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _convert(tp: Any, value: Any, where: str, dotted: str) -> Any:

@@ -7,7 +7,7 @@ import torch
 
 from sauce_export.activations import ActivationStore, CollectConfig, collect
 from sauce_export.data import read_rows
-from sauce_export.lm import load_model
+from sauce_export.lm import encode_batch, load_model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_collect_shards_match_a_direct_forward(lm, tiny_world: Path, tmp_path: P
     got = _all(store)
     with torch.no_grad():
         hidden = lm.model(
-            **__import__("sauce_export.lm", fromlist=["encode_batch"]).encode_batch(lm, rows[:8]).inputs,
+            **encode_batch(lm, rows[:8]).inputs,
             output_hidden_states=True,
         ).hidden_states[2]
     first = got["row"] == 0

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from sauce_export.data import Row, read_rows
 from sauce_export.fsutil import atomic_dir
-from sauce_export.lm import LoadedModel, batches, chat_prompt, correct
+from sauce_export.lm import LoadedModel, answer_length, answer_targets, answer_text, batches, correct
 from sauce_export.world.generate import IMAGE_SIZE
 from sauce_export.world.model import (
+    CHAT_TEMPLATE,
     IMAGE_TOKEN,
     build_llama,
     build_llava,
@@ -63,9 +64,9 @@ def _examples(
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     out = []
     for row in rows:
-        prompt = chat_prompt(lm, row.prompt, row.image is not None)
-        full_ids = tok(prompt + " " + row.answer + tok.eos_token).input_ids
-        n_answer = len(full_ids) - len(tok(prompt).input_ids)
+        prompt, full = answer_text(lm, row)
+        full_ids = tok(full).input_ids
+        n_answer = answer_length(tok, prompt, full)
         ids = []
         for t in full_ids:
             ids.extend([t] * image_tokens if t == image_id else [t])
@@ -77,12 +78,10 @@ def _collate(examples: list[_Example], pixels: torch.Tensor | None, pad_id: int)
     width = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    targets = torch.full((len(examples), width), -100)
     for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        mask[i, :n] = 1
-        targets[i, n - e.n_answer - 1 : n - 1] = ids[i, n - e.n_answer : n]
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+    _, targets = answer_targets(ids, [len(e.ids) for e in examples], [e.n_answer for e in examples])
     inputs = {"input_ids": ids, "attention_mask": mask}
     if examples[0].image is not None and pixels is not None:
         inputs["pixel_values"] = pixels[[e.image for e in examples]]
@@ -184,8 +183,6 @@ def train_world_models(world_dir: Path, out_dir: Path, cfg: WorldTrainConfig) ->
     eval_rows = read_rows(world_dir / "eval.jsonl") + read_rows(world_dir / "facts.jsonl")
     image_rows = [r for r in train_rows if r.image is not None]
     fact_rows = [r for r in train_rows if r.image is None]
-
-    from sauce_export.world.model import CHAT_TEMPLATE
 
     texts = [f"USER: {r.prompt} ASSISTANT: {r.answer}" for r in train_rows + eval_rows]
     tokenizer = build_tokenizer(texts)
