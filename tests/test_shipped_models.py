@@ -47,3 +47,29 @@ def test_training_record_is_shipped() -> None:
     record = json.loads((MODELS / "world-models.json").read_text())
     assert record["config"]["seed"] == 0 and "world train" in record["command"]
     assert (MODELS / "world-llava" / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path) -> None:
+    """The whole pipeline on the real model: selection + edit must actually remove the concept."""
+    import yaml
+
+    from sauce_export.pipeline import run_all
+    from sauce_export.recipe import load_recipe
+
+    world = tmp_path / "world"
+    build_world(world, WorldConfig(seed=0, train_images=300, eval_images=160), progress=False)
+    recipe = yaml.safe_load((MODELS.parent / "recipes" / "demo.yaml").read_text())
+    recipe.update(
+        model=str(MODELS / "world-llava"),
+        concepts=[{"kind": "colour", "name": "red"}],
+        data={"train": str(world / "train.jsonl"), "eval": str(world / "eval.jsonl")},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    report = run_all(load_recipe(path), tmp_path / "run", progress=False)
+    (concept,) = report["concepts"]
+    original, hooked = concept["metrics"]["original"], concept["metrics"]["hooked"]
+    assert original["forget_acc"] >= 0.95
+    assert hooked["forget_acc"] <= concept["chance_acc"] + 0.15
+    assert hooked["retain_acc"] >= 0.9 * original["retain_acc"]
+    assert hooked["interference_acc"] >= 0.9 * original["interference_acc"]
