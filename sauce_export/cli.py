@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sauce-export",
         description="Remove a concept from a transformer through SAE features (SAUCE), measure it, "
-        "and (in later stages) fold it into the weights and export a standalone checkpoint.",
+        "fold it into the weights and export a standalone checkpoint that stock runtimes load.",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "collect": "collect site activations for SAE training into OUT/collect",
         "train-sae": "train (or load, with sae.path) the SAE into OUT/train-sae",
         "select": "score SAE features per concept and select them into OUT/select",
-        "eval": "evaluate original and hooked reference models into OUT/eval",
-        "run": "run every stage and write OUT/report.json and OUT/report.md",
+        "fold": "fold the reference edit into a weight patch, OUT/fold/patch.safetensors",
+        "verify": "export OUT/export/model, then measure original, hooked, folded and exported models "
+        "against the gates (exit 0 pass, 1 a gate failed, 2 bad input)",
+        "run": "run every stage through export and verify, write OUT/report.json, report.md and plots",
     }
     for name, help_text in stages.items():
         p = sub.add_parser(
@@ -105,22 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", type=Path, help="recipe YAML (see `sauce-export recipe-help`)")
         p.add_argument("--out", type=Path, required=True, help="run directory")
     sub.add_parser("recipe-help", help="print every recipe key with its default and meaning")
+
+    export = sub.add_parser(
+        "export",
+        help="bake a patch into a copy of a model (hf) or write it as a LoRA adapter (peft)",
+        description="Stream SRC_DIR to --out with the patch folded into the weights it touches; every "
+        "other file is copied byte for byte. --format peft writes a vLLM-servable LoRA adapter instead.",
+    )
+    export.add_argument("--patch", type=Path, required=True, help="patch file (PATCH.safetensors)")
+    export.add_argument(
+        "--model", type=Path, required=True, metavar="SRC_DIR", help="local source model directory"
+    )
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    export.add_argument(
+        "--format",
+        choices=("hf", "peft"),
+        default="hf",
+        help="hf: a full checkpoint; peft: a LoRA adapter for the untouched model (default hf)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pytorch_model*.bin / *.pt weights (loaded with weights_only=True)",
+    )
+    export.add_argument(
+        "--max-rank", type=int, default=16, help="largest LoRA rank for --format peft (default 16, vLLM's)"
+    )
     return parser
 
 
 def _run_stage(args: argparse.Namespace) -> int:
     from sauce_export.pipeline import Run, run_all
     from sauce_export.recipe import load_recipe
-    from sauce_export.report import result_table
+    from sauce_export.report import fidelity_table, gates_table, result_table
 
     recipe = load_recipe(args.recipe)
     progress = not args.quiet
-    if args.command == "run":
+    if args.command in ("run", "verify"):
         report = run_all(recipe, args.out, progress)
         print(result_table(report))
+        print("\n" + fidelity_table(report))
+        if args.command == "verify":
+            print("\n" + gates_table(report))
         print(
             f"\nSAE: FVU {report['sae']['fvu']:.4f}, L0 {report['sae']['l0']:.1f}, dead {report['sae']['dead_frac']:.3f}"
         )
+        print(f"exported checkpoint: {report['export']['path']}")
         print(
             f"gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}; report: {args.out / 'report.md'}"
         )
@@ -134,8 +167,9 @@ def _run_stage(args: argparse.Namespace) -> int:
         print(json.dumps(run.sae_info))
     elif args.command == "select":
         print(json.dumps(run.select()))
-    elif args.command == "eval":
-        print(json.dumps(run.evaluate()["concepts"], indent=1))
+    elif args.command == "fold":
+        patch = run.patch()
+        print(json.dumps({"patch": str(args.out / "fold" / "patch.safetensors"), **patch.description}))
     return 0
 
 
@@ -149,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "world":
             return _world(args)
+        if args.command == "export":
+            return _export(args)
         return _run_stage(args)
     except InputError as err:
         print(f"sauce-export: error: {err}", file=sys.stderr)
@@ -169,6 +205,37 @@ def _world(args: argparse.Namespace) -> int:
         )
     report = train_world_models(args.world, args.out, from_args(WorldTrainConfig, args))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from sauce_export import __version__
+    from sauce_export.export import export_checkpoint, write_peft_adapter
+    from sauce_export.patch import Patch
+
+    patch = Patch.load(args.patch)
+    if args.format == "peft":
+        result = write_peft_adapter(
+            patch, str(args.model), args.out, overwrite=args.overwrite, max_rank=args.max_rank
+        )
+    else:
+        provenance = {
+            "sauce_export_version": __version__,
+            "sauce_export_patch_sha256": hashlib.sha256(args.patch.read_bytes()).hexdigest(),
+            "sauce_export_modules": json.dumps(patch.modules),
+        }
+        result = export_checkpoint(
+            args.model,
+            patch,
+            args.out,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            metadata=provenance,
+            progress=not args.quiet,
+        )
+    print(result["path"])
     return 0
 
 

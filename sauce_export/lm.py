@@ -35,6 +35,15 @@ class LoadedModel:
     path: str
 
     @property
+    def local_dir(self) -> Path:
+        """The checkpoint directory on disk (a Hub id resolves to its local cache snapshot)."""
+        if Path(self.path).is_dir():
+            return Path(self.path)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.path, local_files_only=True))
+
+    @property
     def is_vlm(self) -> bool:
         return self.processor is not None
 

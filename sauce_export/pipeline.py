@@ -28,8 +28,10 @@ from sauce_export.evaluate.metrics import (
     metric_rows,
     row_correctness,
 )
+from sauce_export.fold import fold
 from sauce_export.fsutil import check_writable
 from sauce_export.lm import LoadedModel, load_model
+from sauce_export.patch import Patch
 from sauce_export.recipe import Recipe
 from sauce_export.sae.formats import load_sae, save_sae
 from sauce_export.sae.model import SAE
@@ -45,6 +47,7 @@ from sauce_export.select import (
     union_features,
 )
 from sauce_export.sites import parse_site
+from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
 
 
 class Run:
@@ -202,71 +205,101 @@ class Run:
 
         return self._stage("select", key, body)["selected"]
 
-    def edits(self) -> dict[str, Edit]:
-        """One Edit per concept, or one union Edit shared by all (edit.combine)."""
-        r, sae, selected = self.recipe, self.sae(), self.select()
+    def edit(self) -> Edit:
+        """The reference edit: every concept's selected latents, clamped together at the site."""
+        r = self.recipe
+        return Edit(
+            sae=self.sae(),
+            features=tuple(union_features(self.select().values())),
+            site=str(parse_site(r.site, r.path)),
+            clamp=r.edit.clamp,
+            multiplier=r.edit.multiplier,
+            only_where_active=r.edit.only_where_active,
+            scope=r.edit.scope,
+            image_token_id=self.lm.image_token_id,
+        )
 
-        def make(features: list[int]) -> Edit:
-            return Edit(
-                sae=sae,
-                features=tuple(features),
-                site=str(parse_site(r.site, r.path)),
-                clamp=r.edit.clamp,
-                multiplier=r.edit.multiplier,
-                only_where_active=r.edit.only_where_active,
-                scope=r.edit.scope,
-                image_token_id=self.lm.image_token_id,
+    def patch(self) -> Patch:
+        """The fold of ``edit()`` into weights, saved as ``fold/patch.safetensors``."""
+        r = self.recipe
+        key = {"select": self.select(), "edit": asdict(r.edit), "fold": asdict(r.fold), "model": r.model}
+
+        def body(directory: Path) -> dict[str, Any]:
+            rows = self.train_rows
+            patch = fold(self.lm, self.edit(), rows, self.concepts, r.fold, self.progress)
+            patch.save(directory / "patch.safetensors")
+            return {"description": patch.description, "modules": patch.stats()}
+
+        self.fold_info = self._stage("fold", key, body)
+        return Patch.load(self.out / "fold" / "patch.safetensors")
+
+    def export(self) -> dict[str, Any]:
+        """A standalone checkpoint at ``export/model``, streamed from the source with the patch."""
+        from sauce_export.export import export_checkpoint
+
+        patch = self.patch()
+        key = {"fold": self.fold_info, "model": self.recipe.model}
+        target = self.out / "export" / "model"
+
+        def body(directory: Path) -> dict[str, Any]:
+            provenance = {"sauce_export": json.dumps({"recipe": self.recipe.path, "fold": patch.description})}
+            return export_checkpoint(
+                self.lm.local_dir, patch, target, overwrite=True, metadata=provenance, progress=self.progress
             )
 
-        if r.edit.combine == "union":
-            shared = make(union_features(selected.values()))
-            return {name: shared for name in selected}
-        return {name: make(features) for name, features in selected.items()}
+        return self._stage("export", key, body)
 
-    def evaluate(self) -> dict[str, Any]:
+    def verify(self) -> dict[str, Any]:
+        """Accuracy of original / hooked / folded / exported, and fidelity of the last two to hooked."""
         r = self.recipe
-        edits = self.edits()
-        key = {
-            "select": self.select(),
-            "edit": asdict(r.edit),
-            "eval": asdict(r.eval),
-            "data": r.data.eval,
-            "model": r.model,
-        }
+        edit, patch, exported = self.edit(), self.patch(), self.export()
+        key = {"fold": self.fold_info, "export": exported["files"], "eval": asdict(r.eval), "data": r.data.eval}
 
         def body(directory: Path) -> dict[str, Any]:
             rows, bs = self.eval_rows, r.eval.batch_size
-            original = row_correctness(self.lm, rows, bs, "eval original", self.progress)
-            hooked_by_edit: dict[int, dict[str, bool]] = {}
+            model = self.lm.model
+            reloaded = load_model(exported["path"], where="export")
+            variants = [
+                Variant("original", model),
+                Variant("hooked", model, lambda: edit.apply(model)),
+                Variant("folded", model, lambda: patch.apply(model)),
+                Variant("exported", reloaded.model),
+            ]
+            correctness = {}
+            for v in variants:
+                with v.context():
+                    correctness[v.name] = row_correctness(
+                        LoadedModel(v.model, self.lm.tokenizer, self.lm.processor, self.lm.path),
+                        rows, bs, f"eval {v.name}", self.progress,
+                    )
             concepts = []
             for concept in self.concepts:
-                edit = edits[str(concept)]
-                if id(edit) not in hooked_by_edit:
-                    with edit.apply(self.lm.model):
-                        hooked_by_edit[id(edit)] = row_correctness(
-                            self.lm, rows, bs, f"eval hooked {concept}", self.progress
-                        )
-                selection = metric_rows(rows, concept, r.eval.forget_split, r.eval.generality_split)
+                selection = metric_rows(
+                    rows, concept, r.eval.forget_split, r.eval.generality_split, removed=self.concepts
+                )
                 if not selection["forget_acc"]:
-                    raise InputError(
-                        r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}"
+                    raise InputError(r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}")
+                metrics = {v.name: concept_metrics(correctness[v.name], selection) for v in variants}
+                sets = fidelity_sets(
+                    rows, concept, self.concepts, r.eval.forget_split, r.eval.fidelity_rows, r.fold.seed
+                )
+                for v in variants:
+                    metrics[v.name].update(
+                        fidelity_report(self.lm, variants[1], v, sets, edit, bs, self.progress)
                     )
                 concepts.append(
                     {
                         "name": concept.name,
                         "kind": concept.kind,
                         "chance_acc": chance_accuracy(rows, concept.kind),
-                        "features": list(edit.features),
+                        "features": self.select()[str(concept)],
                         "counts": {m: len(v) for m, v in selection.items()},
-                        "metrics": {
-                            "original": concept_metrics(original, selection),
-                            "hooked": concept_metrics(hooked_by_edit[id(edit)], selection),
-                        },
+                        "metrics": metrics,
                     }
                 )
             return {"concepts": concepts}
 
-        return self._stage("eval", key, body)
+        return self._stage("verify", key, body)
 
 
 def concept_scores(
@@ -309,56 +342,21 @@ def concept_scores(
     return saeuron_scores(stats) if method == "saeuron" else contrast_scores(stats)
 
 
-def hooked_gates(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue-2 gates on the hooked reference: forget near chance, retain/interference kept."""
-    checks = []
-    for c in concepts:
-        orig, hooked = c["metrics"]["original"], c["metrics"]["hooked"]
-        name = f"{c['kind']}:{c['name']}"
-        checks.append(
-            _check(
-                f"{name} hooked forget_acc <= chance + 0.05",
-                hooked["forget_acc"],
-                c["chance_acc"] + 0.05,
-                "<=",
-            )
-        )
-        for metric in ("retain_acc", "interference_acc"):
-            if orig[metric] is not None and hooked[metric] is not None:
-                checks.append(
-                    _check(
-                        f"{name} hooked {metric} >= 0.95 x original",
-                        hooked[metric],
-                        0.95 * orig[metric],
-                        ">=",
-                    )
-                )
-    return checks
-
-
-def _check(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
-    passed = value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
-    return {
-        "name": name,
-        "value": round(value, 4),
-        "threshold": round(threshold, 4),
-        "op": op,
-        "passed": passed,
-    }
-
-
 def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
-    """collect -> train-sae -> select -> eval, then report.json / report.md."""
+    """collect -> train-sae -> select -> fold -> export -> verify, then report.json / report.md."""
     from sauce_export.report import write_report
 
     run = Run(recipe, out, progress)
-    result = run.evaluate()
-    checks = hooked_gates(result["concepts"])
+    result = run.verify()
+    exported = run.export()
+    checks = gate_checks(result["concepts"], recipe.verify, "exported")
     report = {
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "model": recipe.model,
         "site": recipe.site,
         "sae": run.sae_info,
+        "fold": run.fold_info,
+        "export": {"path": exported["path"], "files": exported["files"]},
         "concepts": result["concepts"],
         "gates": {"passed": all(c["passed"] for c in checks), "checks": checks},
         "metrics_reported": list(METRICS),

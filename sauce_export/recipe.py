@@ -18,7 +18,9 @@ import yaml
 
 from sauce_export.data import Concept
 from sauce_export.errors import InputError
+from sauce_export.fold import FoldConfig
 from sauce_export.sae.train import TrainConfig
+from sauce_export.verify import VerifyGates
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -76,9 +78,6 @@ class EditSection:
         True, "Edit a latent only where it fires (keeps other tokens bit-identical)."
     )
     scope: Literal["all", "image", "text"] = _f("all", "Which tokens may be edited.")
-    combine: Literal["separate", "union"] = _f(
-        "separate", "One edit per concept (separate) or one edit removing all concepts at once (union)."
-    )
 
 
 @dataclass
@@ -86,6 +85,7 @@ class EvalSection:
     batch_size: int = _f(128, "Rows per forward pass.")
     forget_split: str = _f("heldout_view", "Split whose target-concept questions measure forgetting.")
     generality_split: str = _f("heldout_paraphrase", "Split with held-out paraphrases (generality).")
+    fidelity_rows: int = _f(128, "Forget and retain prompts per concept for KL / agreement vs the hooked edit.")
 
 
 @dataclass
@@ -118,7 +118,13 @@ class Recipe:
     edit: EditSection = field(
         default_factory=EditSection, metadata={"help": "The hook-based reference edit."}
     )
+    fold: FoldConfig = field(
+        default_factory=FoldConfig, metadata={"help": "How the edit is folded into weights."}
+    )
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
+    verify: VerifyGates = field(
+        default_factory=VerifyGates, metadata={"help": "Gates: verify exits 1 when one fails."}
+    )
     path: str = field(default="", metadata={"help": "(set by the loader) the recipe file", "internal": True})
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from sauce_export.evaluate.metrics import METRICS
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def result_table(report: dict[str, Any]) -> str:
@@ -26,6 +26,62 @@ def result_table(report: dict[str, Any]) -> str:
             cells = " | ".join(_fmt(metrics.get(m)) for m in METRICS)
             lines.append(f"| {c['kind']}:{c['name']} (chance {c['chance_acc']:.3f}) | {variant} | {cells} |")
     return "\n".join(lines)
+
+
+FIDELITY = (
+    "kl_vs_hooked_forget",
+    "kl_vs_hooked_retain",
+    "kl_vs_hooked_forget_ctx",
+    "kl_vs_hooked_retain_ctx",
+    "top1_agree_vs_hooked",
+    "cos_site_vs_hooked",
+    "feature_act_forget",
+)
+
+
+def fidelity_table(report: dict[str, Any]) -> str:
+    """Markdown: how close each variant is to the hooked reference (KL in nats, answer positions)."""
+    lines = ["| concept | model | " + " | ".join(FIDELITY) + " |", "|---|---|" + "---|" * len(FIDELITY)]
+    for c in report["concepts"]:
+        for variant, metrics in c["metrics"].items():
+            if "top1_agree_vs_hooked" in metrics:
+                cells = " | ".join(_fmt(metrics.get(k), 4) for k in FIDELITY)
+                lines.append(f"| {c['kind']}:{c['name']} | {variant} | {cells} |")
+    return "\n".join(lines)
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """metrics.png (PEBench metrics of the four models) and features.png (selected-latent activation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = report["concepts"]
+    variants = list(concepts[0]["metrics"])
+    fig, axes = plt.subplots(1, len(concepts), figsize=(4.5 * len(concepts), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], concepts, strict=True):
+        for i, variant in enumerate(variants):
+            values = [c["metrics"][variant].get(m) or 0.0 for m in METRICS]
+            ax.bar([j + i * 0.2 for j in range(len(METRICS))], values, width=0.2, label=variant)
+        ax.set_xticks([j + 0.3 for j in range(len(METRICS))], [m.replace("_acc", "") for m in METRICS])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{c['kind']}:{c['name']}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, variant in enumerate(variants):
+        values = [c["metrics"][variant].get("feature_act_forget", 0.0) for c in concepts]
+        ax.bar([j + i * 0.2 for j in range(len(concepts))], values, width=0.2, label=variant)
+    ax.set_xticks([j + 0.3 for j in range(len(concepts))], [c["name"] for c in concepts])
+    ax.set_ylabel("mean selected-latent activation\n(forget prompts, per token)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "features.png", dpi=90)
+    plt.close(fig)
+    return ["metrics.png", "features.png"]
 
 
 def gates_table(report: dict[str, Any]) -> str:
@@ -48,12 +104,18 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 f"dead={sae['dead_frac']:.3f} ({sae['source']}).",
                 "## Accuracy (exact greedy answers; forget: lower is better)",
                 result_table(report),
+                "## Fidelity to the hooked reference (KL at answer positions, nats; *_ctx: unrelated "
+                "context before the question)",
+                fidelity_table(report),
+                f"## Fold\n\n`{json.dumps(report['fold']['description'])}`\n\nExported checkpoint: "
+                f"`{report['export']['path']}`\n\n![metrics](metrics.png) ![features](features.png)",
                 f"## Gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}",
                 gates_table(report),
             ]
         )
         + "\n"
     )
+    write_plots(report, out)
     for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", md)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

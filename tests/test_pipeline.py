@@ -38,23 +38,33 @@ def test_run_writes_report_and_resumes(
     code = main(["--quiet", "run", str(recipe), "--out", str(out)])
     assert code in (0, 1)  # an untrained model may fail the gates; the run itself must work
     report = json.loads((out / "report.json").read_text())
-    assert {"concepts", "gates", "sae", "recipe"} <= set(report)
+    assert {"concepts", "gates", "sae", "recipe", "fold", "export"} <= set(report)
     assert {"fvu", "l0", "dead_frac"} <= set(report["sae"])
     assert len(report["concepts"]) == 2
     for concept in report["concepts"]:
         assert {"name", "kind", "chance_acc", "features", "metrics"} <= set(concept)
         assert len(concept["features"]) == 3
-        for variant in ("original", "hooked"):
+        for variant in ("original", "hooked", "folded", "exported"):
             for metric in ("forget_acc", "generality_acc", "retain_acc", "interference_acc"):
                 value = concept["metrics"][variant][metric]
                 assert value is None or 0.0 <= value <= 1.0
+        hooked, exported = concept["metrics"]["hooked"], concept["metrics"]["exported"]
+        assert hooked["kl_vs_hooked_retain"] == 0.0 and hooked["top1_agree_vs_hooked"] == 1.0
+        for key in ("kl_vs_hooked_forget", "kl_vs_hooked_retain", "top1_agree_vs_hooked", "cos_site_vs_hooked"):
+            assert exported[key] >= 0.0
+        # the exported checkpoint reloaded from disk behaves like the in-memory fold
+        assert exported["kl_vs_hooked_retain"] == pytest.approx(concept["metrics"]["folded"]["kl_vs_hooked_retain"], abs=1e-5)
     assert report["gates"]["passed"] == (code == 0)
     assert all({"name", "value", "threshold", "passed"} <= set(c) for c in report["gates"]["checks"])
     assert "| concept | model |" in (out / "report.md").read_text()
     assert (out / "select" / "scores.json").exists()
+    assert (out / "fold" / "patch.safetensors").exists()
+    assert (out / "metrics.png").stat().st_size > 1000 and (out / "features.png").stat().st_size > 1000
+    exported_dir = Path(report["export"]["path"])
+    assert (exported_dir / "config.json").read_bytes() == (tiny_llava_dir / "config.json").read_bytes()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
-    assert len(stamps) == 4
+    assert len(stamps) == 6
     assert main(["--quiet", "run", str(recipe), "--out", str(out)]) == code
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}  # nothing recomputed
     capsys.readouterr()

@@ -6,6 +6,9 @@ For a removed concept ``(kind, name)`` on the evaluation rows:
 - retain_acc: questions about ``kind`` whose answer is another concept of that kind;
 - interference_acc: questions about the *other* kinds in the target's own images
   (e.g. the event when a person is forgotten) - PEBench's cross-concept Scope.
+
+When one run removes several concepts at once, retain and interference leave out questions whose
+answer is itself a removed concept: those measure that concept's forgetting, not collateral damage.
 """
 
 from __future__ import annotations
@@ -37,11 +40,20 @@ def row_correctness(
 
 
 def metric_rows(
-    rows: Sequence[Row], concept: Concept, forget_split: str, generality_split: str
+    rows: Sequence[Row],
+    concept: Concept,
+    forget_split: str,
+    generality_split: str,
+    removed: Sequence[Concept] = (),
 ) -> dict[str, list[Row]]:
-    """Which evaluation rows each metric averages over."""
+    """Which evaluation rows each metric averages over (``removed``: every concept of the run)."""
     k = concept.kind
-    return {
+    others = [c for c in removed if c != concept]
+
+    def asks_removed(r: Row) -> bool:
+        return any(r.question_kind == c.kind and c.matches(r) for c in others)
+
+    selection = {
         "forget_acc": [
             r for r in rows if r.split == forget_split and r.question_kind == k and concept.matches(r)
         ],
@@ -59,6 +71,9 @@ def metric_rows(
             if r.split == forget_split and r.question_kind != k and concept.matches(r) and r.image is not None
         ],
     }
+    for name in ("retain_acc", "interference_acc"):
+        selection[name] = [r for r in selection[name] if not asks_removed(r)]
+    return selection
 
 
 def concept_metrics(correctness: dict[str, bool], selection: dict[str, list[Row]]) -> dict[str, float | None]:

@@ -1,0 +1,511 @@
+"""Bake a ``Patch`` into a checkpoint on disk, or write it as a PEFT LoRA adapter.
+
+The checkpoint writer streams: it never loads the model. Weight files the patch does not touch, and
+every non-weight file, are copied byte for byte; a touched safetensors file is rewritten with the
+source's byte layout (same header entries and offsets, only the touched tensors' bytes replaced), so
+memory stays near one tensor and time near a file copy. Everything is written into a temporary
+directory that replaces ``out`` only after ``check_export`` has compared every tensor's name, shape
+and dtype with the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from sauce_export.architectures import disk_key_in
+from sauce_export.errors import InputError
+from sauce_export.fsutil import atomic_dir
+from sauce_export.patch import Patch, WeightDelta
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_CHUNK = 16 << 20
+_SKIP_DIRS = {".git"}  # a git clone's LFS objects are a second, unpatched copy of the weights
+
+
+class ExportCheckError(RuntimeError):
+    """An exported checkpoint's tensors differ from the source's in name, shape, dtype or file."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Layout:
+    """The weight files of a checkpoint directory and the tensors each holds."""
+
+    kind: str  # "safetensors" or "pickle"
+    files: list[str]
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)  # pickle weights shadowed by safetensors: not exported
+
+
+# --------------------------------------------------------------------------- reading a checkpoint
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """``(data_start, header)`` of a safetensors file, read without touching its data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise InputError(str(path), "header", "not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(str(path), "header", f"not a safetensors file ({err})") from None
+    return 8 + n, header
+
+
+def safetensors_header_bytes(header: dict[str, Any]) -> bytes:
+    """Length prefix + JSON header, space-padded so the data starts 8-byte aligned (as safetensors does)."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict, loaded with ``weights_only=True`` (memory-mapped where the format allows)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(str(path), "weights", f"cannot be loaded with weights_only=True ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(str(path), "weights", "is not a state dict of tensors")
+    return state
+
+
+def _index_files(directory: Path, index_name: str) -> list[str]:
+    try:
+        weight_map = json.loads((directory / index_name).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(str(directory / index_name), "weight_map", f"unreadable index ({err})") from None
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not (directory / name).is_file():
+            raise InputError(str(directory / name), "shard", f"named by {index_name} but missing")
+    return files
+
+
+def read_layout(directory: Path, allow_pickle: bool = False) -> Layout:
+    """Find the weight files the way transformers does: safetensors first, pickle only if allowed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(str(directory), "model", "is not a directory")
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    pickles = [n for n in names if re.fullmatch(r"pytorch_model.*\.bin", n)]
+    pt_files = [n for n in names if n.endswith(".pt")]
+    sharded_st = [n for n in names if _SHARD.match(n) and n.endswith(".safetensors")]
+    sharded_pt = [n for n in names if _SHARD.match(n) and n.endswith(".bin")]
+    if SAFETENSORS in names:
+        files = [SAFETENSORS]
+    elif SAFETENSORS_INDEX in names:
+        files = _index_files(directory, SAFETENSORS_INDEX)
+    elif sharded_st:
+        raise InputError(str(directory), SAFETENSORS_INDEX, f"missing, but shards {sharded_st} are here")
+    elif not pickles + pt_files:
+        raise InputError(str(directory), "weights", "no model.safetensors, index or pickle weights here")
+    elif not allow_pickle:
+        found = pickles + pt_files
+        raise InputError(
+            str(directory), "weights", f"only pickle weights {found}; pass --allow-pickle to load them"
+        )
+    elif PICKLE_INDEX in names:
+        files = _index_files(directory, PICKLE_INDEX)
+    elif PICKLE in names:
+        files = [PICKLE]
+    elif sharded_pt:
+        raise InputError(str(directory), PICKLE_INDEX, f"missing, but shards {sharded_pt} are here")
+    elif pickles:
+        files = pickles
+    else:
+        files = pt_files
+
+    if files[0].endswith(".safetensors"):
+        layout = Layout("safetensors", files, stale=pickles)
+        for name in files:
+            _, header = read_safetensors_header(directory / name)
+            for key, info in header.items():
+                if key != "__metadata__":
+                    layout.tensors[key] = TensorSpec(name, tuple(info["shape"]), info["dtype"])
+        return layout
+    layout = Layout("pickle", files)
+    for name in files:
+        for key, t in _torch_load(directory / name).items():
+            layout.tensors[key] = TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    return layout
+
+
+# --------------------------------------------------------------------------- planning the edit
+
+
+def _check_factors(delta: WeightDelta) -> None:
+    for name, t in (("B", delta.B), ("A", delta.A), ("bias", delta.bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise InputError("patch", f"{delta.module}.{name}", "contains NaN or Inf")
+    if delta.B.dim() != 2 or delta.A.dim() != 2 or delta.B.shape[1] != delta.A.shape[0]:
+        shapes = f"B {list(delta.B.shape)}, A {list(delta.A.shape)}"
+        raise InputError("patch", delta.module, f"factors do not multiply ({shapes})")
+
+
+def _check_float(spec: TensorSpec, where: str, key: str) -> None:
+    """Quantized or integer tensors cannot take a float delta without changing their format."""
+    dtype = _FLOAT_DTYPES.get(spec.dtype) or getattr(torch, spec.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(where, key, f"cannot patch a {spec.dtype} tensor (floating point only)")
+
+
+def plan_edits(
+    source: Path, layout: Layout, config: PretrainedConfig, patch: Patch
+) -> dict[str, tuple[WeightDelta, str]]:
+    """On-disk key -> (delta, "weight" | "bias") for every tensor the patch changes, fully validated."""
+    where = str(source)
+    edits: dict[str, tuple[WeightDelta, str]] = {}
+    for delta in patch.deltas:
+        _check_factors(delta)
+        prefix = disk_key_in(layout.tensors.keys(), config, delta.module, where)  # type: ignore[arg-type]
+        parts = [("weight", list(delta.shape))]
+        if delta.bias is not None:
+            parts.append(("bias", list(delta.bias.shape)))
+        for part, want in parts:
+            key = f"{prefix}.{part}"
+            spec = layout.tensors.get(key)
+            if spec is None:
+                raise InputError(where, key, f"not in the checkpoint (patch module {delta.module})")
+            if list(spec.shape) != want:
+                raise InputError(where, key, f"shape {list(spec.shape)} != patch shape {want}")
+            _check_float(spec, where, key)
+            edits[key] = (delta, part)
+    return edits
+
+
+def _patched(tensor: torch.Tensor, delta: WeightDelta, part: str) -> torch.Tensor:
+    """The new value in the source dtype; float32 math as in ``WeightDelta.apply_to``."""
+    if part == "weight":
+        return delta.apply_to(tensor)
+    assert delta.bias is not None
+    return (tensor.float() + delta.bias.float()).to(tensor.dtype)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Writer:
+    """One output file, hashed as it is written.
+
+    The hash of a chunk runs on a second thread while the chunk is written and the next one read
+    (two alternating buffers), so on two free cores the hash costs little more than the copy.
+    """
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, bar: tqdm, buffers: list[bytearray]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.pool, self.bar, self.buffers = pool, bar, buffers
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+        self.hashing: Future[None] | None = None
+
+    def _wait(self) -> None:
+        if self.hashing is not None:
+            self.hashing.result()
+            self.hashing = None
+
+    def write(self, data: memoryview) -> None:
+        """Write ``data``; its hash may still be running on return (``data`` must stay unchanged)."""
+        self._wait()
+        self.hashing = self.pool.submit(self.sha.update, data)
+        self.file.write(data)
+        self.bytes += len(data)
+        self.bar.update(len(data))
+
+    def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
+        """Copy ``length`` raw bytes of ``src`` from ``offset`` in chunks, never decoding them."""
+        self._wait()  # the buffers are free again
+        src.seek(offset)
+        turn = 0
+        while length > 0:
+            view, turn = memoryview(self.buffers[turn]), 1 - turn
+            n = src.readinto(view[: min(length, len(view))])  # type: ignore[attr-defined]
+            if not n:
+                raise InputError(str(getattr(src, "name", "source")), "data", "file is truncated")
+            self.write(view[:n])
+            length -= n
+
+    def close(self) -> dict[str, Any]:
+        try:
+            self._wait()
+        finally:
+            self.file.close()
+        return {"bytes": self.bytes, "sha256": self.sha.hexdigest()}
+
+
+def _rewrite_safetensors(
+    src_path: Path, writer: _Writer, edits: dict[str, tuple[WeightDelta, str]], metadata: dict[str, str]
+) -> None:
+    """Same header entries and offsets as the source plus provenance metadata; edited bytes swapped in."""
+    data_start, header = read_safetensors_header(src_path)
+    new_header = {"__metadata__": {**header.get("__metadata__", {}), **metadata}}
+    new_header.update((k, v) for k, v in header.items() if k != "__metadata__")
+    writer.write(memoryview(safetensors_header_bytes(new_header)))
+
+    data_len = src_path.stat().st_size - data_start
+    touched = sorted((header[k]["data_offsets"], k) for k in edits if k in header)
+    pos = 0
+    with open(src_path, "rb", buffering=0) as src, safe_open(str(src_path), "pt") as st:
+        for (start, end), key in touched:
+            writer.copy_from(src, data_start + pos, start - pos)
+            new = _patched(st.get_tensor(key), *edits[key])
+            raw = new.contiguous().reshape(-1).view(torch.uint8).numpy()
+            if raw.nbytes != end - start:
+                raise ExportCheckError(f"{src_path}: {key}: {raw.nbytes} bytes != {end - start} in header")
+            writer.write(memoryview(raw))
+            pos = end
+        writer.copy_from(src, data_start + pos, data_len - pos)
+
+
+def _rewrite_pickle(
+    src_path: Path, dst_path: Path, edits: dict[str, tuple[WeightDelta, str]], bar: tqdm
+) -> dict[str, Any]:
+    state = _torch_load(src_path)
+    with torch.no_grad():
+        for key in edits.keys() & state.keys():
+            state[key] = _patched(state[key], *edits[key])
+    torch.save(state, dst_path)
+    record = _file_record(dst_path)
+    bar.update(record["bytes"])
+    return record
+
+
+def _source_files(source: Path) -> list[str]:
+    """Every file under ``source`` (symlinks followed, as in a Hub cache snapshot), relative, sorted."""
+    found = []
+    for root, dirs, files in os.walk(source, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        rel = Path(root).relative_to(source)
+        found += [(rel / f).as_posix() for f in files]
+    return sorted(found)
+
+
+def _check_paths(source: Path, out: Path, overwrite: bool) -> tuple[Path, Path]:
+    source, out = Path(source), Path(out)
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise InputError(str(out), "output", f"must not be, contain or lie inside the source {source}")
+    if out.exists() and not overwrite:
+        raise InputError(str(out), "output", "already exists (pass --overwrite to replace it)")
+    return source, out
+
+
+def _load_config(source: Path) -> PretrainedConfig:
+    if not (source / "config.json").is_file():
+        raise InputError(str(source), "config.json", "missing: a model directory needs one")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(str(source / "config.json"), "config", f"unreadable ({err})") from None
+
+
+def export_checkpoint(
+    source: Path,
+    patch: Patch,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    metadata: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``source`` with ``patch`` baked in to ``out``, streaming (see the module docstring).
+
+    ``metadata`` is added to the ``__metadata__`` of every rewritten safetensors file (provenance).
+    Pickle weights that safetensors shadow are ``skipped``: copying them would ship the unpatched model.
+    Returns ``path``, ``files`` (name, bytes, sha256 of every file written), ``touched`` (disk keys),
+    ``skipped`` and ``seconds``.
+    """
+    started = time.perf_counter()
+    source, out = _check_paths(source, out, overwrite)
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    config = _load_config(source)
+    layout = read_layout(source, allow_pickle)
+    edits = plan_edits(source, layout, config, patch)
+    touched_files = {layout.tensors[k].file for k in edits}
+    names = [n for n in _source_files(source) if n not in layout.stale]
+    total = sum((source / n).stat().st_size for n in names)
+
+    records: list[dict[str, Any]] = []
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        ThreadPoolExecutor(1) as pool,
+        tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar,
+    ):
+        bar.set_description(f"export {out.name}")
+        buffers = [bytearray(_CHUNK), bytearray(_CHUNK)]
+        for name in names:
+            src, dst = source / name, tmp / name
+            if name in touched_files and layout.kind == "pickle":
+                records.append({"name": name, **_rewrite_pickle(src, dst, edits, bar)})
+                continue
+            writer = _Writer(dst, pool, bar, buffers)
+            try:
+                if name in touched_files:
+                    _rewrite_safetensors(src, writer, edits, metadata)
+                else:
+                    with open(src, "rb", buffering=0) as f:
+                        writer.copy_from(f, 0, src.stat().st_size)
+            finally:
+                records.append({"name": name, **writer.close()})
+        check_export(source, tmp, allow_pickle=allow_pickle)
+    return {
+        "path": str(out),
+        "files": records,
+        "touched": sorted(edits),
+        "skipped": layout.stale,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def check_export(source: Path, out: Path, *, allow_pickle: bool = True) -> None:
+    """Raise ``ExportCheckError`` unless ``out`` holds the same tensors (name, shape, dtype, file) as ``source``."""
+    want = read_layout(Path(source), allow_pickle).tensors
+    try:
+        got = read_layout(Path(out), allow_pickle).tensors
+    except (InputError, OSError, ValueError, KeyError) as err:
+        raise ExportCheckError(f"{out}: cannot read the exported weights: {err}") from None
+    problems = [f"dropped {k}" for k in want.keys() - got.keys()]
+    problems += [f"added {k}" for k in got.keys() - want.keys()]
+    problems += [f"{k}: {want[k]} -> {got[k]}" for k in want.keys() & got.keys() if want[k] != got[k]]
+    if problems:
+        shown = "; ".join(sorted(problems)[:8]) + ("; ..." if len(problems) > 8 else "")
+        raise ExportCheckError(f"{out} does not match {source}: {len(problems)} problem(s): {shown}")
+
+
+# --------------------------------------------------------------------------- PEFT adapter
+
+
+def _meta_model(base_model: str) -> torch.nn.Module:
+    """The base model's task class built on the meta device: module types and shapes, no weights."""
+    import transformers
+
+    try:
+        config = AutoConfig.from_pretrained(base_model)
+    except (OSError, ValueError) as err:
+        raise InputError(base_model, "config", f"cannot read the base model's config ({err})") from None
+    archs = [getattr(transformers, a, None) for a in (config.architectures or [])]
+    cls = next((a for a in archs if a is not None), transformers.AutoModelForCausalLM)
+    with torch.device("meta"):
+        return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+
+
+def _check_lora_delta(model: torch.nn.Module, delta: WeightDelta, base_model: str, max_rank: int) -> None:
+    """What vLLM serves: a weight-only change of an ``nn.Linear`` with rank <= max_rank."""
+    _check_factors(delta)
+    if delta.bias is not None:
+        raise InputError("patch", f"{delta.module}.bias", "a LoRA adapter cannot carry a bias change")
+    try:
+        module = model.get_submodule(delta.module)
+    except AttributeError:
+        raise InputError(base_model, delta.module, "the base model has no such module") from None
+    if not isinstance(module, torch.nn.Linear):
+        kind = type(module).__name__
+        raise InputError("patch", delta.module, f"is {kind}, not Linear; vLLM serves LoRA on Linear only")
+    if tuple(module.weight.shape) != delta.shape:
+        got, want = list(module.weight.shape), list(delta.shape)
+        raise InputError(base_model, delta.module, f"weight shape {got} != patch shape {want}")
+    if not 1 <= delta.rank <= max_rank:
+        raise InputError("patch", delta.module, f"rank {delta.rank} is not in 1..{max_rank}")
+
+
+def write_peft_adapter(
+    patch: Patch, base_model: str, out: Path, *, overwrite: bool = False, max_rank: int = 16
+) -> dict[str, Any]:
+    """A LoRA adapter (``lora_B @ lora_A`` = the patch, scaling 1) within what vLLM serves.
+
+    Key names and config fields are those ``get_peft_model(...).save_pretrained`` writes (peft 0.21):
+    ``base_model.model.{module}.lora_{A,B}.weight`` and a ``LoraConfig`` with full module names.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(str(out), "output", "already exists (pass --overwrite to replace it)")
+    if not patch.deltas:
+        raise InputError("patch", "modules", "the patch is empty")
+    model = _meta_model(base_model)
+    for delta in patch.deltas:
+        _check_lora_delta(model, delta, base_model, max_rank)
+    auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+    from peft import LoraConfig
+
+    r = max(d.rank for d in patch.deltas)
+    other = {d.module: d.rank for d in patch.deltas if d.rank != r}
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,  # scaling = alpha / r = 1, and per module through alpha_pattern
+        target_modules=patch.modules,
+        rank_pattern=other,
+        alpha_pattern=dict(other),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for d in patch.deltas:
+        tensors[f"base_model.model.{d.module}.lora_A.weight"] = d.A.contiguous()
+        tensors[f"base_model.model.{d.module}.lora_B.weight"] = d.B.contiguous()
+    with atomic_dir(out, overwrite) as tmp:
+        config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        files = [{"name": p.name, **_file_record(p)} for p in sorted(tmp.iterdir())]
+    ranks = {d.module: d.rank for d in patch.deltas}
+    return {"path": str(out), "files": files, "ranks": ranks}
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": sha.hexdigest()}
+
+
+__all__ = [
+    "ExportCheckError",
+    "check_export",
+    "export_checkpoint",
+    "read_layout",
+    "safetensors_header_bytes",
+    "write_peft_adapter",
+]

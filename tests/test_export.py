@@ -1,0 +1,370 @@
+"""Export: a patch baked into a streamed copy of a checkpoint, or written as a PEFT LoRA adapter.
+
+Every check reloads what was written with stock transformers / peft and compares logits with the
+in-memory ``patch.apply(model)``; bad inputs must leave the source untouched and no output behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+
+from sauce_export.cli import main
+from sauce_export.errors import InputError
+from sauce_export.export import ExportCheckError, check_export, export_checkpoint, write_peft_adapter
+from sauce_export.patch import Patch, WeightDelta
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+INDEX = "model.safetensors.index.json"
+
+
+def _delta(shape: tuple[int, int], module: str, rank: int, seed: int, bias: bool = False) -> WeightDelta:
+    g = torch.Generator().manual_seed(seed)
+    out_dim, in_dim = shape
+    return WeightDelta(
+        module,
+        B=torch.randn(out_dim, rank, generator=g) * 0.3,
+        A=torch.randn(rank, in_dim, generator=g) * 0.3,
+        bias=torch.randn(out_dim, generator=g) * 0.3 if bias else None,
+    )
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny tied-embedding Llama saved by transformers, plus the non-weight files a Hub repo has."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("src") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(out)
+    (out / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}\n')
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}\n")
+    (out / "extra").mkdir()
+    (out / "extra" / "notes.bin").write_bytes(bytes(range(256)) * 3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama in bf16, split by hand into two shards with an index."""
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(llama_dir / "model.safetensors").items()}
+    keys = sorted(state)
+    out = tmp_path_factory.mktemp("src") / "sharded"
+    shutil.copytree(llama_dir, out)
+    (out / "model.safetensors").unlink()
+    weight_map = {}
+    for name, part in zip(SHARDS, (keys[:10], keys[10:]), strict=True):
+        save_file({k: state[k] for k in part}, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return out
+
+
+def _llama_patch() -> Patch:
+    return Patch(
+        (
+            _delta((32, 64), "model.layers.1.mlp.down_proj", rank=2, seed=1),
+            _delta((32, 32), "model.layers.0.self_attn.o_proj", rank=3, seed=2),
+        )
+    )
+
+
+def _check_round_trip(
+    source: Path, out: Path, patch: Patch, load: Callable[[Path], torch.nn.Module], inputs: dict
+) -> None:
+    """Reloaded logits equal the in-memory patched logits; everything else on disk is unchanged."""
+    model = load(source)
+    before = _logits(model, inputs)
+    with patch.apply(model):
+        want = _logits(model, inputs)
+    got = _logits(load(out), inputs)
+    assert (want - before).abs().max() > 1e-3, "the patch should change the logits"
+    assert (got - want).abs().max() <= 1e-5
+    check_export(source, out)
+    src, dst = _snapshot(source), _snapshot(out)
+    assert src.keys() == dst.keys()
+    changed = {name for name in src if src[name] != dst[name]}
+    assert changed == {"model.safetensors"}
+
+
+def test_llama_round_trip(llama_dir: Path, tmp_path: Path) -> None:
+    # Tied embeddings: on disk only the embedding, which loading ties to lm_head again.
+    embed = _delta((96, 32), "model.embed_tokens", rank=1, seed=3)
+    patch = Patch((*_llama_patch().deltas, embed))
+    before = _snapshot(llama_dir)
+    out = tmp_path / "out"
+    result = export_checkpoint(llama_dir, patch, out, metadata={"provenance": "test"}, progress=False)
+    assert result["path"] == str(out)
+    assert sorted(result["touched"]) == [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+    assert {f["name"]: f["sha256"] for f in result["files"]} == _snapshot(out)
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 33, 70, 2, 95]])}
+    _check_round_trip(llama_dir, out, patch, AutoModelForCausalLM.from_pretrained, inputs)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "provenance": "test"}
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+    assert _snapshot(llama_dir) == before
+
+
+def test_llava_round_trip(tiny_llava_dir: Path, tmp_path: Path) -> None:
+    patch = Patch(
+        (
+            _delta((128, 384), "model.language_model.layers.1.mlp.down_proj", rank=4, seed=4),
+            _delta((128, 128), "model.multi_modal_projector.linear_2", rank=2, seed=5, bias=True),
+        )
+    )
+    result = export_checkpoint(tiny_llava_dir, patch, tmp_path / "out", progress=False)
+    assert result["touched"] == [
+        "language_model.model.layers.1.mlp.down_proj.weight",
+        "multi_modal_projector.linear_2.bias",
+        "multi_modal_projector.linear_2.weight",
+    ]
+    config = json.loads((tiny_llava_dir / "config.json").read_text())
+    ids = [1, *[config["image_token_index"]] * config["image_seq_length"], 40, 41, 42]
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.tensor([ids]), "pixel_values": torch.rand(1, 3, 48, 48, generator=g)}
+    _check_round_trip(
+        tiny_llava_dir, tmp_path / "out", patch, AutoModelForImageTextToText.from_pretrained, inputs
+    )
+
+
+def test_sharded_bf16_round_trip(sharded_dir: Path, tmp_path: Path) -> None:
+    delta = _delta((32, 64), "model.layers.1.mlp.down_proj", rank=2, seed=6)
+    key = "model.layers.1.mlp.down_proj.weight"
+    out = tmp_path / "out"
+    export_checkpoint(sharded_dir, Patch((delta,)), out, metadata={"by": "test"}, progress=False)
+    src, dst = _snapshot(sharded_dir), _snapshot(out)
+    assert {n for n in src if src[n] != dst[n]} == {SHARDS[1]}  # index and shard 1 byte-identical
+    old, new = load_file(sharded_dir / SHARDS[1]), load_file(out / SHARDS[1])
+    assert list(old) == list(new)
+    for name in old:
+        assert new[name].dtype == torch.bfloat16
+        if name != key:
+            assert torch.equal(old[name], new[name]), name
+    assert torch.equal(new[key], delta.apply_to(old[key]))
+    assert not torch.equal(new[key], old[key])
+    check_export(sharded_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.get_submodule("model.layers.1.mlp.down_proj").weight, new[key])
+
+
+def _corrupt_rename(t: dict[str, torch.Tensor]) -> None:
+    t["model.norm.weight_renamed"] = t.pop("model.norm.weight")
+
+
+def _corrupt_drop(t: dict[str, torch.Tensor]) -> None:
+    del t["model.norm.weight"]
+
+
+def _corrupt_retype(t: dict[str, torch.Tensor]) -> None:
+    t["model.norm.weight"] = t["model.norm.weight"].half()
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "needle"),
+    [
+        (_corrupt_rename, "added model.norm.weight_renamed"),
+        (_corrupt_drop, "dropped model.norm.weight"),
+        (_corrupt_retype, "F16"),
+    ],
+)
+def test_check_export_catches_corruption(
+    llama_dir: Path, tmp_path: Path, corrupt: Callable[[dict[str, torch.Tensor]], None], needle: str
+) -> None:
+    out = tmp_path / "out"
+    export_checkpoint(llama_dir, _llama_patch(), out, progress=False)
+    tensors = load_file(out / "model.safetensors")
+    corrupt(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportCheckError, match=needle):
+        check_export(llama_dir, out)
+
+
+def _bin_only(llama_dir: Path, tmp_path: Path) -> Path:
+    source = tmp_path / "bin-only"
+    source.mkdir()
+    shutil.copy(llama_dir / "config.json", source)
+    torch.save(load_file(llama_dir / "model.safetensors"), source / "pytorch_model.bin")
+    return source
+
+
+def test_pickle_source_with_allow_pickle(llama_dir: Path, tmp_path: Path) -> None:
+    source = _bin_only(llama_dir, tmp_path)
+    patch = _llama_patch()
+    out = tmp_path / "out"
+    result = export_checkpoint(source, patch, out, allow_pickle=True, progress=False)
+    assert sorted(f["name"] for f in result["files"]) == ["config.json", "pytorch_model.bin"]
+    old = torch.load(source / "pytorch_model.bin", weights_only=True)
+    new = torch.load(out / "pytorch_model.bin", weights_only=True)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(new[key], patch.deltas[0].apply_to(old[key]))
+    assert all(torch.equal(old[k], new[k]) for k in old if k not in result["touched"])
+
+
+def test_stale_pickle_weights_are_not_shipped(llama_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "both"
+    shutil.copytree(llama_dir, source)
+    torch.save(load_file(llama_dir / "model.safetensors"), source / "pytorch_model.bin")
+    result = export_checkpoint(source, _llama_patch(), tmp_path / "out", progress=False)
+    assert result["skipped"] == ["pytorch_model.bin"]
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+
+
+def _setup_bad(kind: str, llama_dir: Path, sharded_dir: Path, tmp_path: Path) -> tuple[Path, Patch, Path]:
+    """(source, patch, out) for one kind of bad input."""
+    patch, out = _llama_patch(), tmp_path / "out"
+    if kind == "no such module":
+        return llama_dir, Patch((_delta((32, 64), "model.layers.7.mlp.down_proj", 2, 0),)), out
+    if kind == "shape mismatch":
+        return llama_dir, Patch((_delta((32, 48), "model.layers.1.mlp.down_proj", 2, 0),)), out
+    if kind == "nan":
+        bad = _delta((32, 64), "model.layers.1.mlp.down_proj", 2, 0)
+        bad.A[0, 0] = float("nan")
+        return llama_dir, Patch((bad,)), out
+    if kind == "pickle only":
+        return _bin_only(llama_dir, tmp_path), patch, out
+    if kind == "existing out":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        return llama_dir, patch, out
+    source = tmp_path / "broken"
+    shutil.copytree(sharded_dir, source)
+    (source / (SHARDS[0] if kind == "missing shard" else INDEX)).unlink()
+    return source, patch, out
+
+
+BAD = {
+    "no such module": "model.layers.7.mlp.down_proj",
+    "shape mismatch": "shape",
+    "nan": "NaN",
+    "pickle only": "allow-pickle",
+    "existing out": "already exists",
+    "missing shard": "missing",
+    "missing index": "missing",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_input(kind: str, llama_dir: Path, sharded_dir: Path, tmp_path: Path) -> None:
+    source, patch, out = _setup_bad(kind, llama_dir, sharded_dir, tmp_path)
+    before, out_before = _snapshot(source), _snapshot(out) if out.exists() else None
+    with pytest.raises(InputError, match=BAD[kind]):
+        export_checkpoint(source, patch, out, progress=False)
+    assert _snapshot(source) == before
+    if out_before is None:
+        assert _leftovers(out) == []
+    else:
+        assert _snapshot(out) == out_before and _leftovers(out) == [out.name]
+
+
+def test_peft_adapter_matches_patched_llama(llama_dir: Path, tmp_path: Path) -> None:
+    patch = _llama_patch()  # ranks 2 and 3: rank_pattern / alpha_pattern
+    out = tmp_path / "adapter"
+    result = write_peft_adapter(patch, str(llama_dir), out)
+    assert sorted(f["name"] for f in result["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["modules_to_save"]) == (3, 3, None)
+    assert config["rank_pattern"] == config["alpha_pattern"] == {"model.layers.1.mlp.down_proj": 2}
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight" in f.keys()  # noqa: SIM118
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 33, 70, 2, 95]])}
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with patch.apply(base):
+        want = _logits(base, inputs)
+    got = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), out), inputs)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_peft_adapter_matches_patched_llava(tiny_llava_dir: Path, tmp_path: Path) -> None:
+    patch = Patch(
+        (
+            _delta((128, 384), "model.language_model.layers.2.mlp.down_proj", rank=4, seed=7),
+            _delta((128, 128), "model.multi_modal_projector.linear_2", rank=4, seed=8),
+        )
+    )
+    out = tmp_path / "adapter"
+    write_peft_adapter(patch, str(tiny_llava_dir), out)
+    inputs = {"input_ids": torch.tensor([[1, 40, 41, 42, 43]])}
+    base = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir)
+    with patch.apply(base):
+        want = _logits(base, inputs)
+    peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_llava_dir), out)
+    assert (_logits(peft, inputs) - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("delta", "needle"),
+    [
+        (_delta((96, 32), "model.embed_tokens", 2, 0), "model.embed_tokens: is Embedding, not Linear"),
+        (_delta((32, 64), "model.layers.1.mlp.down_proj", 2, 0, bias=True), "down_proj.bias"),
+        (_delta((32, 64), "model.layers.1.mlp.down_proj", 17, 0), "rank 17"),
+    ],
+    ids=["embedding", "bias", "rank"],
+)
+def test_peft_rejects_what_vllm_cannot_serve(
+    llama_dir: Path, tmp_path: Path, delta: WeightDelta, needle: str
+) -> None:
+    with pytest.raises(InputError, match=needle):
+        write_peft_adapter(Patch((delta,)), str(llama_dir), tmp_path / "adapter")
+    assert _leftovers(tmp_path / "adapter") == []
+
+
+def test_cli_export(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    patch_file = tmp_path / "patch.safetensors"
+    _llama_patch().save(patch_file)
+    out = tmp_path / "out"
+    assert (
+        main(["--quiet", "export", "--patch", str(patch_file), "--model", str(llama_dir), "--out", str(out)])
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == str(out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["sauce_export_patch_sha256"] == hashlib.sha256(patch_file.read_bytes()).hexdigest()
+
+    adapter = tmp_path / "adapter"
+    argv = ["export", "--patch", str(patch_file), "--model", str(llama_dir), "--format", "peft"]
+    assert main([*argv, "--out", str(adapter)]) == 0
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert main([*argv, "--out", str(out)]) == 2  # out exists
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
