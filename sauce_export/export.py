@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -30,7 +31,9 @@ from transformers import AutoConfig, PretrainedConfig
 from sauce_export.architectures import disk_key_in
 from sauce_export.errors import InputError
 from sauce_export.fsutil import atomic_dir
-from sauce_export.patch import Patch, WeightDelta
+from sauce_export.patch import Growth, Patch, WeightDelta
+
+Change = tuple[WeightDelta | Growth, str]  # (what, "weight" | "bias" | "grow")
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -180,6 +183,12 @@ def _check_factors(delta: WeightDelta) -> None:
         raise InputError("patch", delta.module, f"factors do not multiply ({shapes})")
 
 
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors ("BF16") or torch ("bfloat16") dtype name."""
+    found = _FLOAT_DTYPES.get(dtype) or getattr(torch, dtype)
+    return found.itemsize
+
+
 def _check_float(spec: TensorSpec, where: str, key: str) -> None:
     """Quantized or integer tensors cannot take a float delta without changing their format."""
     dtype = _FLOAT_DTYPES.get(spec.dtype) or getattr(torch, spec.dtype, None)
@@ -187,12 +196,10 @@ def _check_float(spec: TensorSpec, where: str, key: str) -> None:
         raise InputError(where, key, f"cannot patch a {spec.dtype} tensor (floating point only)")
 
 
-def plan_edits(
-    source: Path, layout: Layout, config: PretrainedConfig, patch: Patch
-) -> dict[str, tuple[WeightDelta, str]]:
-    """On-disk key -> (delta, "weight" | "bias") for every tensor the patch changes, fully validated."""
+def plan_edits(source: Path, layout: Layout, config: PretrainedConfig, patch: Patch) -> dict[str, Change]:
+    """On-disk key -> (change, "weight" | "bias" | "grow") for every tensor the patch changes, validated."""
     where = str(source)
-    edits: dict[str, tuple[WeightDelta, str]] = {}
+    edits: dict[str, Change] = {}
     for delta in patch.deltas:
         _check_factors(delta)
         prefix = disk_key_in(layout.tensors.keys(), config, delta.module, where)  # type: ignore[arg-type]
@@ -208,15 +215,37 @@ def plan_edits(
                 raise InputError(where, key, f"shape {list(spec.shape)} != patch shape {want}")
             _check_float(spec, where, key)
             edits[key] = (delta, part)
+    for grow in patch.grows:
+        if not torch.isfinite(grow.extra).all():
+            raise InputError("patch", f"{grow.module}.extra", "contains NaN or Inf")
+        key = disk_key_in(layout.tensors.keys(), config, grow.module, where) + ".weight"  # type: ignore[arg-type]
+        spec = layout.tensors.get(key)
+        if spec is None:
+            raise InputError(where, key, f"not in the checkpoint (patch module {grow.module})")
+        if len(spec.shape) != 2 or spec.shape[1 - grow.dim] != grow.extra.shape[1 - grow.dim]:
+            raise InputError(where, key, f"cannot append {list(grow.extra.shape)} to shape {list(spec.shape)}")
+        _check_float(spec, where, key)
+        edits[key] = (grow, "grow")
     return edits
 
 
-def _patched(tensor: torch.Tensor, delta: WeightDelta, part: str) -> torch.Tensor:
+def new_shapes(layout: Layout, edits: dict[str, Change]) -> dict[str, tuple[int, ...]]:
+    """Tensors whose shape the patch changes (grown weights), with their new shape."""
+    return {
+        key: change.grown_shape(layout.tensors[key].shape)  # type: ignore[arg-type]
+        for key, (change, part) in edits.items()
+        if isinstance(change, Growth)
+    }
+
+
+def _patched(tensor: torch.Tensor, change: WeightDelta | Growth, part: str) -> torch.Tensor:
     """The new value in the source dtype; float32 math as in ``WeightDelta.apply_to``."""
+    if isinstance(change, Growth):
+        return change.grown(tensor)
     if part == "weight":
-        return delta.apply_to(tensor)
-    assert delta.bias is not None
-    return (tensor.float() + delta.bias.float()).to(tensor.dtype)
+        return change.apply_to(tensor)
+    assert change.bias is not None
+    return (tensor.float() + change.bias.float()).to(tensor.dtype)
 
 
 # --------------------------------------------------------------------------- writing
@@ -272,31 +301,54 @@ class _Writer:
 
 
 def _rewrite_safetensors(
-    src_path: Path, writer: _Writer, edits: dict[str, tuple[WeightDelta, str]], metadata: dict[str, str]
+    src_path: Path, writer: _Writer, edits: dict[str, Change], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]
 ) -> None:
-    """Same header entries and offsets as the source plus provenance metadata; edited bytes swapped in."""
+    """The source's header entries in the source's order plus provenance metadata; edited bytes swapped
+    in. Offsets move only after a tensor whose size changed (a grown weight)."""
     data_start, header = read_safetensors_header(src_path)
-    new_header = {"__metadata__": {**header.get("__metadata__", {}), **metadata}}
-    new_header.update((k, v) for k, v in header.items() if k != "__metadata__")
+    touched = sorted((header[k]["data_offsets"], k) for k in edits if k in header)
+    entries = {k: dict(v) for k, v in header.items() if k != "__metadata__"}
+    shift = 0
+    for key, info in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, end = info["data_offsets"]
+        length = end - start
+        if key in shapes:
+            info["shape"] = list(shapes[key])
+            length = math.prod(shapes[key]) * _itemsize(info["dtype"])
+        info["data_offsets"] = [start + shift, start + shift + length]
+        shift += length - (end - start)
+    new_header = {"__metadata__": {**header.get("__metadata__", {}), **metadata}, **entries}
     writer.write(memoryview(safetensors_header_bytes(new_header)))
 
     data_len = src_path.stat().st_size - data_start
-    touched = sorted((header[k]["data_offsets"], k) for k in edits if k in header)
     pos = 0
     with open(src_path, "rb", buffering=0) as src, safe_open(str(src_path), "pt") as st:
         for (start, end), key in touched:
             writer.copy_from(src, data_start + pos, start - pos)
             new = _patched(st.get_tensor(key), *edits[key])
             raw = new.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if raw.nbytes != end - start:
-                raise ExportCheckError(f"{src_path}: {key}: {raw.nbytes} bytes != {end - start} in header")
+            want = entries[key]["data_offsets"][1] - entries[key]["data_offsets"][0]
+            if raw.nbytes != want:
+                raise ExportCheckError(f"{src_path}: {key}: {raw.nbytes} bytes != {want} in header")
             writer.write(memoryview(raw))
             pos = end
         writer.copy_from(src, data_start + pos, data_len - pos)
 
 
+def _updated_json(path: Path, updates: dict[str, Any]) -> bytes:
+    """``path``'s JSON with dotted keys set, in transformers' own layout (indent 2, sorted keys)."""
+    data = json.loads(path.read_text())
+    for dotted, value in updates.items():
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _rewrite_pickle(
-    src_path: Path, dst_path: Path, edits: dict[str, tuple[WeightDelta, str]], bar: tqdm
+    src_path: Path, dst_path: Path, edits: dict[str, Change], bar: tqdm
 ) -> dict[str, Any]:
     state = _torch_load(src_path)
     with torch.no_grad():
@@ -306,6 +358,27 @@ def _rewrite_pickle(
     record = _file_record(dst_path)
     bar.update(record["bytes"])
     return record
+
+
+def _rewritten_json(
+    source: Path, layout: Layout, patch: Patch, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, bytes]:
+    """config.json with the patch's config updates, and the shard index with the new total size;
+    only when the patch changes shapes (every other non-weight file stays byte-identical)."""
+    out: dict[str, bytes] = {}
+    if patch.config_updates:
+        out["config.json"] = _updated_json(source / "config.json", patch.config_updates)
+    index = SAFETENSORS_INDEX if layout.kind == "safetensors" else PICKLE_INDEX
+    if shapes and (source / index).is_file():
+        meta = json.loads((source / index).read_text()).get("metadata", {})
+        if "total_size" in meta:
+            grown = sum(
+                (math.prod(shape) - math.prod(layout.tensors[k].shape))
+                * _itemsize(layout.tensors[k].dtype)
+                for k, shape in shapes.items()
+            )
+            out[index] = _updated_json(source / index, {"metadata.total_size": meta["total_size"] + grown})
+    return out
 
 
 def _source_files(source: Path) -> list[str]:
@@ -360,7 +433,9 @@ def export_checkpoint(
     config = _load_config(source)
     layout = read_layout(source, allow_pickle)
     edits = plan_edits(source, layout, config, patch)
+    shapes = new_shapes(layout, edits)
     touched_files = {layout.tensors[k].file for k in edits}
+    rewritten_json = _rewritten_json(source, layout, patch, shapes)
     names = [n for n in _source_files(source) if n not in layout.stale]
     total = sum((source / n).stat().st_size for n in names)
 
@@ -379,14 +454,16 @@ def export_checkpoint(
                 continue
             writer = _Writer(dst, pool, bar, buffers)
             try:
-                if name in touched_files:
-                    _rewrite_safetensors(src, writer, edits, metadata)
+                if name in rewritten_json:
+                    writer.write(memoryview(rewritten_json[name]))
+                elif name in touched_files:
+                    _rewrite_safetensors(src, writer, edits, metadata, shapes)
                 else:
                     with open(src, "rb", buffering=0) as f:
                         writer.copy_from(f, 0, src.stat().st_size)
             finally:
                 records.append({"name": name, **writer.close()})
-        check_export(source, tmp, allow_pickle=allow_pickle)
+        check_export(source, tmp, allow_pickle=allow_pickle, changed=shapes)
     return {
         "path": str(out),
         "files": records,
@@ -396,9 +473,14 @@ def export_checkpoint(
     }
 
 
-def check_export(source: Path, out: Path, *, allow_pickle: bool = True) -> None:
-    """Raise ``ExportCheckError`` unless ``out`` holds the same tensors (name, shape, dtype, file) as ``source``."""
+def check_export(
+    source: Path, out: Path, *, allow_pickle: bool = True, changed: dict[str, tuple[int, ...]] | None = None
+) -> None:
+    """Raise ``ExportCheckError`` unless ``out`` holds the same tensors (name, shape, dtype, file) as
+    ``source``, except the new shapes ``changed`` that the patch is meant to give (grown weights)."""
     want = read_layout(Path(source), allow_pickle).tensors
+    for key, shape in (changed or {}).items():
+        want[key] = TensorSpec(want[key].file, tuple(shape), want[key].dtype)
     try:
         got = read_layout(Path(out), allow_pickle).tensors
     except (InputError, OSError, ValueError, KeyError) as err:
@@ -458,6 +540,11 @@ def write_peft_adapter(
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(str(out), "output", "already exists (pass --overwrite to replace it)")
+    if patch.grows:
+        raise InputError(
+            "patch", "grows", f"a {patch.description.get('method', 'gated')} fold adds neurons; a LoRA adapter "
+            "can only carry low-rank changes of existing weights (use fold.method: lora for --format peft)"
+        )
     if not patch.deltas:
         raise InputError("patch", "modules", "the patch is empty")
     model = _meta_model(base_model)

@@ -3,17 +3,22 @@
 - ``projection`` removes span(W_dec[S]) from every residual writer of layers 0..L (and the token
   embedding / image projector): ``W <- W - Q Q^T W``. Exact as a projection, but a *different* edit
   from the clamp (it acts on every token, also where the latents are off).
-- ``lora`` adds ``B A`` to the writer that produces the site (``mlp.down_proj`` for a residual or MLP
-  site, ``self_attn.o_proj`` for an attention site), with ``B = W_dec[S]^T`` and ``A`` the ridge
-  regression from the module's input to the reference's per-token coefficients ``c - f_S`` on a
-  balanced calibration set. Because that writer's output is added straight into the site, a perfect
-  ``A`` reproduces the hook exactly; optional refinement then minimises KL(hooked || folded).
+- ``lora`` adds ``B A`` to the site layer's writers (``self_attn.o_proj`` and ``mlp.down_proj`` for a
+  residual site), with ``B = W_dec[S]^T`` and ``A`` the ridge regression from the modules' inputs to
+  the reference's per-token coefficients ``c - f_S`` on a balanced calibration set. ``down_proj``'s
+  output is added straight into the site, so a perfect ``A`` there reproduces the hook exactly; KL
+  refinement then minimises KL(hooked || folded) on the calibration prompts.
+- ``gated`` appends one SiLU-gated neuron per selected latent to the site layer's MLP: its gate reads
+  the latent's (least-squares estimated) pre-activation, so it is off where the latent is off - which
+  a linear patch cannot be - and its down column is the latent's decoder direction. Every other
+  layer gets the same number of all-zero neurons, so ``intermediate_size`` stays uniform and the
+  checkpoint loads in stock runtimes; zero neurons add exactly nothing. Then KL refinement.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +37,7 @@ from sauce_export.edit import Edit
 from sauce_export.errors import InputError
 from sauce_export.hooks import hidden_of
 from sauce_export.lm import Batch, LoadedModel, batches
-from sauce_export.patch import Patch, WeightDelta
+from sauce_export.patch import Growth, Patch, WeightDelta
 from sauce_export.sites import parse_site
 
 
@@ -40,14 +45,18 @@ from sauce_export.sites import parse_site
 class FoldConfig:
     """How the reference edit becomes weights."""
 
-    method: Literal["projection", "lora"] = field(
-        default="lora", metadata={"help": "projection (abliteration-style) or lora (fitted low-rank patch)."}
+    method: Literal["projection", "lora", "gated"] = field(
+        default="lora",
+        metadata={
+            "help": "gated (new MLP neurons that fire with the latents), lora (fitted low-rank patch) or "
+            "projection (abliteration-style)."
+        },
     )
     modules: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "lora: writer modules (suffixes of the site layer, e.g. mlp.down_proj); "
-            "default: the writer whose output is the site."
+            "help": "lora: writer modules (suffixes of the site layer, e.g. mlp.down_proj); default: the "
+            "layer's writers up to the site (o_proj and down_proj for a residual site)."
         },
     )
     first_layer: int = field(default=0, metadata={"help": "projection: first layer whose writers are projected."})
@@ -55,10 +64,21 @@ class FoldConfig:
         default=True,
         metadata={"help": "projection: also project the token embedding and the image projector."},
     )
-    calib_rows: int = field(default=512, metadata={"help": "Calibration rows (half concept, half the rest)."})
+    calib_rows: int = field(default=2048, metadata={"help": "Calibration rows (half concept, half the rest)."})
     ridge: float = field(default=1e-3, metadata={"help": "lora: ridge strength, relative to mean input power."})
-    refine_steps: int = field(default=0, metadata={"help": "lora: Adam steps minimising KL(hooked || folded)."})
-    refine_lr: float = field(default=1e-3, metadata={"help": "lora: refinement learning rate."})
+    refine_steps: int = field(
+        default=300, metadata={"help": "lora/gated: Adam steps minimising KL(hooked || folded) (0: closed form only)."}
+    )
+    refine_lr: float = field(
+        default=1e-2, metadata={"help": "lora/gated: refinement step size, relative to each tensor's RMS."}
+    )
+    pad_multiple: int = field(
+        default=32,
+        metadata={
+            "help": "gated: round the new intermediate_size up to a multiple of this with zero neurons "
+            "(GGUF quantisation blocks need 32)."
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass while calibrating."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration sample."})
 
@@ -94,12 +114,16 @@ def edit_mask(edit: Edit, ids: torch.Tensor) -> torch.Tensor | None:
     return is_image if edit.scope == "image" else ~is_image
 
 
-def writer_for_site(model: nn.Module, site: str) -> str:
-    """The module whose output is added straight into the site: folding there is exact."""
+def writers_for_site(model: nn.Module, site: str) -> list[str]:
+    """The site layer's writers up to the site: attention site -> o_proj; MLP site -> down_proj;
+    residual site -> both (down_proj's output is added straight into the site, so a fit there is
+    exact; o_proj gives the fit the attention's view, which measured closer on the demo)."""
     parsed = parse_site(site)
-    if parsed.kind == "attn":
-        return site_module_name(model, site) + ".o_proj"
-    return f"{spec_for(model).layers}.{parsed.layer}.{spec_for(model).mlp}.down_proj"
+    spec = spec_for(model)
+    layer = f"{spec.layers}.{parsed.layer}"
+    o_proj = site_module_name(model, f"layers.{parsed.layer}.attn") + ".o_proj"
+    down = f"{layer}.{spec.mlp}.down_proj"
+    return {"attn": [o_proj], "mlp": [down]}.get(parsed.kind, [o_proj, down])
 
 
 @torch.no_grad()
@@ -174,7 +198,7 @@ def lora_fold(
     """Ridge regression from the writer's input to the reference coefficients, then optional KL refinement."""
     model = lm.model
     layer_prefix = site_module_name(model, f"layers.{parse_site(edit.site).layer}")
-    modules = [f"{layer_prefix}.{m}" for m in cfg.modules] or [writer_for_site(model, edit.site)]
+    modules = [f"{layer_prefix}.{m}" for m in cfg.modules] or writers_for_site(model, edit.site)
     for name in modules:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise InputError("fold", "modules", f"{name} is not a Linear writer")
@@ -203,48 +227,163 @@ def lora_fold(
         {"method": "lora", "modules": modules, "rank": b.shape[1], "calib_tokens": tokens, "ridge": cfg.ridge},
     )
     if cfg.refine_steps > 0:
-        patch = refine(lm, edit, patch, rows, cfg, progress)
+        parts = {d.module: ([nn.Parameter(d.B.clone()), nn.Parameter(d.A.clone())], _lowrank_add) for d in deltas}
+        refined = kl_refine(lm, edit, rows, cfg, parts, progress)
+        deltas = [WeightDelta(m, b.detach().clone(), a.detach().clone()) for m, ((b, a), _) in parts.items()]
+        patch = Patch(tuple(deltas), {**patch.description, "refine_steps": cfg.refine_steps, "refine": refined})
     return patch
 
 
-def refine(
-    lm: LoadedModel, edit: Edit, patch: Patch, rows: Sequence[Row], cfg: FoldConfig, progress: bool
-) -> Patch:
-    """A few Adam steps on (B, A) of every delta minimising KL(hooked || folded) on kept tokens."""
+AddFn = Callable[[torch.Tensor, Sequence[nn.Parameter]], torch.Tensor]
+
+
+def kl_refine(
+    lm: LoadedModel,
+    edit: Edit,
+    rows: Sequence[Row],
+    cfg: FoldConfig,
+    parts: dict[str, tuple[list[nn.Parameter], AddFn]],
+    progress: bool,
+) -> dict[str, float]:
+    """Adam steps (in place) on each module's parameters, whose ``add(x, params)`` is added to that
+    module's output, minimising KL(hooked || model) on the kept tokens of ``rows``.
+
+    Step sizes are relative (``refine_lr`` x each tensor's RMS), since a gate's read and its
+    near-constant up vector differ in scale by orders of magnitude. A fifth of the rows is held out;
+    if refinement does not lower KL there, the closed-form parameters are kept.
+    """
     model = lm.model
-    params = {d.module: (nn.Parameter(d.B.clone()), nn.Parameter(d.A.clone())) for d in patch.deltas}
-    state = {"on": False}  # the reference forward runs with the patch off
+    state = {"on": False}  # the reference forward runs without the additions
 
-    def add_lowrank(b: torch.Tensor, a: torch.Tensor):  # type: ignore[no-untyped-def]
-        return lambda _m, args, out: out + (args[0] @ a.T) @ b.T if state["on"] else None
+    def hook_for(params: list[nn.Parameter], add: AddFn):  # type: ignore[no-untyped-def]
+        return lambda _m, args, out: out + add(args[0], params) if state["on"] else None
 
-    hooks = [model.get_submodule(n).register_forward_hook(add_lowrank(b, a)) for n, (b, a) in params.items()]
-    optim = torch.optim.Adam([p for pair in params.values() for p in pair], lr=cfg.refine_lr)
+    params = [p for ps, _ in parts.values() for p in ps]
+    initial = [p.detach().clone() for p in params]
+    optim = torch.optim.Adam(
+        [{"params": [p], "lr": cfg.refine_lr * float(p.detach().pow(2).mean().sqrt())} for p in params]
+    )
     encoded = list(batches(lm, rows, max(1, cfg.batch_size // 2)))
+    random.Random(cfg.seed).shuffle(encoded)
+    held = encoded[: max(1, len(encoded) // 5)]
+    train = encoded[len(held) :] or held
     rng = random.Random(cfg.seed)
+
+    def kl(batch: Batch) -> torch.Tensor:
+        keep = token_mask(batch, lm.tokenizer.bos_token_id)
+        state["on"] = False
+        with torch.no_grad(), edit.apply(model):
+            ref = torch.log_softmax(model(**batch.inputs).logits[keep].float(), -1)
+        state["on"] = True
+        logp = torch.log_softmax(model(**batch.inputs).logits[keep].float(), -1)
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
+
+    def held_kl() -> float:
+        with torch.no_grad():
+            return sum(float(kl(b)) for b in held) / len(held)
+
+    hooks = [model.get_submodule(n).register_forward_hook(hook_for(*part)) for n, part in parts.items()]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
+        before = held_kl()
         for _ in tqdm(range(cfg.refine_steps), desc="refine fold", disable=not progress):
-            batch = rng.choice(encoded)
-            keep = token_mask(batch, lm.tokenizer.bos_token_id)
-            state["on"] = False
-            with torch.no_grad(), edit.apply(model):
-                ref = torch.log_softmax(model(**batch.inputs).logits[keep].float(), -1)
-            state["on"] = True
-            logp = torch.log_softmax(model(**batch.inputs).logits[keep].float(), -1)
-            loss = (ref.exp() * (ref - logp)).sum(-1).mean()
+            loss = kl(rng.choice(train))
             optim.zero_grad()
             loss.backward()
             optim.step()
+        after = held_kl()
+        if after > before:
+            with torch.no_grad():
+                for p, init in zip(params, initial, strict=True):
+                    p.copy_(init)
     finally:
         for handle in hooks:
             handle.remove()
         for p, requires in frozen:
             p.requires_grad_(requires)
-    deltas = tuple(WeightDelta(n, b.detach().clone(), a.detach().clone()) for n, (b, a) in params.items())
-    return Patch(deltas, {**patch.description, "refine_steps": cfg.refine_steps, "refine_lr": cfg.refine_lr})
+    return {"held_out_kl_before": round(before, 6), "held_out_kl_after": round(after, 6), "kept": after <= before}
+
+
+def _lowrank_add(x: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    b, a = params
+    return (x @ a.T) @ b.T
+
+
+def _neurons_add(x: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    gate, up, down = params
+    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def gated_fold(
+    lm: LoadedModel, edit: Edit, rows: Sequence[Row], cfg: FoldConfig, progress: bool = True
+) -> Patch:
+    """One new neuron per latent in the site layer's MLP: ``silu(g.x) * (u.x)`` with ``g.x`` the
+    least-squares estimate of the latent's pre-activation (sharpened so silu acts like relu) and
+    ``u.x`` ~ 1 (the normalised input has a near-constant direction), writing ``scale * W_dec[i]``."""
+    model, spec = lm.model, spec_for(lm.model)
+    text_cfg = getattr(model.config, "text_config", model.config)
+    if getattr(text_cfg, "hidden_act", "silu") != "silu":
+        raise InputError("fold", "method", f"gated needs a SiLU MLP, this model uses {text_cfg.hidden_act}")
+    if edit.multiplier is None and edit.clamp != 0:
+        raise InputError("fold", "method", "gated folds clamp 0 or a multiplier; use lora for a negative clamp")
+    site = parse_site(edit.site)
+    mlp = f"{spec.layers}.{site.layer}.{spec.mlp}"
+    feats = list(edit.features)
+    xtx = xtp = xt1 = None
+    tokens = 0
+    for _batch, keep, inputs, site_h in capture(lm, rows, [mlp], edit.site, cfg.batch_size, progress):
+        x = inputs[mlp][keep].float()
+        pre = edit.sae.pre_acts(site_h[keep].to(edit.sae.W_dec.dtype)).float()[:, feats]
+        ones = torch.ones(x.shape[0], 1)
+        xtx = x.T @ x if xtx is None else xtx + x.T @ x
+        xtp = x.T @ pre if xtp is None else xtp + x.T @ pre
+        xt1 = x.T @ ones if xt1 is None else xt1 + x.T @ ones
+        tokens += x.shape[0]
+    if xtx is None or xtp is None or xt1 is None:
+        raise InputError("fold", "calib_rows", "no calibration tokens")
+    read = ridge_solve(xtx, xtp, cfg.ridge)  # [k, d]: x -> latent pre-activation
+    const = ridge_solve(xtx, xt1, cfg.ridge)  # [1, d]: x -> 1
+    # Sharpen: silu(a z) / a -> relu(z) as a grows; a = 4 / (rms of the estimated pre-activation).
+    rms = (torch.einsum("kd,de,ke->k", read, xtx, read) / tokens).clamp_min(1e-12).sqrt()
+    sharp = 4.0 / rms
+    scale = -1.0 if edit.multiplier is None else edit.multiplier - 1.0
+    params = [
+        nn.Parameter(read * sharp[:, None]),
+        nn.Parameter(const.repeat(len(feats), 1) / sharp[:, None]),
+        nn.Parameter(scale * edit.sae.W_dec[feats].detach().float().T.contiguous()),
+    ]
+    refined = kl_refine(lm, edit, rows, cfg, {mlp: (params, _neurons_add)}, progress) if cfg.refine_steps else {}
+    width = int(text_cfg.intermediate_size)
+    new_width = -(-(width + len(feats)) // max(cfg.pad_multiple, 1)) * max(cfg.pad_multiple, 1)
+    pad = new_width - width - len(feats)
+    gate, up, down = (p.detach() for p in params)
+    gate, up = (torch.cat([t, torch.zeros(pad, t.shape[1])]) for t in (gate, up))
+    down = torch.cat([down, torch.zeros(down.shape[0], pad)], dim=1)
+    grows = []
+    for layer in range(len(model.get_submodule(spec.layers))):
+        here = layer == site.layer
+        prefix = f"{spec.layers}.{layer}.{spec.mlp}"
+        grows += [
+            Growth(f"{prefix}.gate_proj", 0, gate if here else torch.zeros_like(gate)),
+            Growth(f"{prefix}.up_proj", 0, up if here else torch.zeros_like(up)),
+            Growth(f"{prefix}.down_proj", 1, down if here else torch.zeros_like(down)),
+        ]
+    key = "text_config.intermediate_size" if text_cfg is not model.config else "intermediate_size"
+    return Patch(
+        (),
+        {
+            "method": "gated",
+            "layer": site.layer,
+            "neurons": len(feats),
+            "intermediate_size": [width, new_width],
+            "refine_steps": cfg.refine_steps,
+            "refine": refined,
+        },
+        tuple(grows),
+        {key: new_width},
+    )
 
 
 def fold(
@@ -260,6 +399,7 @@ def fold(
         patch = projection_fold(lm.model, edit, cfg)
     else:
         calib = calibration_rows(rows, concepts, cfg.calib_rows, cfg.seed)
-        patch = lora_fold(lm, edit, calib, cfg, progress)
+        make = gated_fold if cfg.method == "gated" else lora_fold
+        patch = make(lm, edit, calib, cfg, progress)
     patch.check(lm.model, where="fold")
     return patch

@@ -2,7 +2,8 @@
 
 A patch is a list of weight changes keyed by in-memory module name (``model.language_model.
 layers.2.mlp.down_proj``). Each change is ``W += B @ A`` (kept low-rank, so it is also a LoRA) plus
-an optional bias change. ``apply()`` edits a live model (and restores it bit-exactly), the export
+an optional bias change, or a ``Growth`` that appends rows or columns to a weight (new MLP neurons),
+with the config keys that record the new width. ``apply()`` edits a live model (and restores it bit-exactly), the export
 writer maps module names to on-disk keys and rewrites only those tensors, and the PEFT writer
 stores ``B``/``A`` as ``lora_B``/``lora_A``. No writer needs to know which fold made the patch.
 """
@@ -53,20 +54,39 @@ class WeightDelta:
 
 
 @dataclass(frozen=True)
+class Growth:
+    """Append ``extra`` to a Linear weight: as new output rows (``dim=0``) or input columns (``dim=1``)."""
+
+    module: str
+    dim: int
+    extra: torch.Tensor
+
+    def grown(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight, self.extra.to(weight.dtype)], dim=self.dim)
+
+    def grown_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        rows, cols = shape
+        return (rows + self.extra.shape[0], cols) if self.dim == 0 else (rows, cols + self.extra.shape[1])
+
+
+@dataclass(frozen=True)
 class Patch:
     """Weight changes of one fold, plus a JSON description of how they were made."""
 
     deltas: tuple[WeightDelta, ...]
     description: dict[str, Any] = field(default_factory=dict)
+    grows: tuple[Growth, ...] = ()
+    config_updates: dict[str, int] = field(default_factory=dict)
+    """Dotted ``config.json`` keys to set, e.g. ``text_config.intermediate_size`` after a growth."""
 
     def __post_init__(self) -> None:
-        names = [d.module for d in self.deltas]
+        names = [d.module for d in self.deltas] + [g.module for g in self.grows]
         if len(set(names)) != len(names):
-            raise ValueError(f"a patch holds one delta per module, got duplicates in {names}")
+            raise ValueError(f"a patch changes each module once, got duplicates in {names}")
 
     @property
     def modules(self) -> list[str]:
-        return [d.module for d in self.deltas]
+        return [d.module for d in self.deltas] + [g.module for g in self.grows]
 
     def check(self, model: nn.Module, where: str = "patch") -> None:
         """Every module exists with the delta's shape; every factor is finite (InputError otherwise)."""
@@ -74,22 +94,27 @@ class Patch:
             for name, t in (("B", delta.B), ("A", delta.A), ("bias", delta.bias)):
                 if t is not None and not torch.isfinite(t).all():
                     raise InputError(where, f"{delta.module}.{name}", "contains NaN or Inf")
-            try:
-                module = model.get_submodule(delta.module)
-            except AttributeError:
-                raise InputError(where, delta.module, "the model has no such module") from None
+            module = _module(model, delta.module, where)
             weight = getattr(module, "weight", None)
             if weight is None or tuple(weight.shape) != delta.shape:
                 got = None if weight is None else list(weight.shape)
                 raise InputError(where, delta.module, f"weight shape {got} != patch shape {list(delta.shape)}")
             if delta.bias is not None and getattr(module, "bias", None) is None:
                 raise InputError(where, f"{delta.module}.bias", "the module has no bias to patch")
+        for g in self.grows:
+            if not torch.isfinite(g.extra).all():
+                raise InputError(where, f"{g.module}.extra", "contains NaN or Inf")
+            module = _module(model, g.module, where)
+            if not isinstance(module, nn.Linear) or module.weight.shape[1 - g.dim] != g.extra.shape[1 - g.dim]:
+                raise InputError(where, g.module, f"cannot append {list(g.extra.shape)} along dim {g.dim}")
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[nn.Module]:
         """Fold the patch into ``model`` in place; on exit the original tensors are put back exactly."""
         self.check(model)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        swapped: list[tuple[nn.Linear, nn.Parameter]] = []
+        configs: list[tuple[Any, str, Any]] = []
         try:
             with torch.no_grad():
                 for delta in self.deltas:
@@ -99,17 +124,37 @@ class Patch:
                     if delta.bias is not None:
                         saved.append((module.bias, module.bias.detach().clone()))
                         module.bias.add_(delta.bias.to(module.bias.dtype))
+                for g in self.grows:
+                    linear = model.get_submodule(g.module)
+                    swapped.append((linear, linear.weight))
+                    linear.weight = nn.Parameter(g.grown(linear.weight), requires_grad=False)
+                    linear.out_features, linear.in_features = linear.weight.shape
+            for dotted, value in self.config_updates.items():
+                *path, key = dotted.split(".")
+                obj = model.config
+                for part in path:
+                    obj = getattr(obj, part)
+                configs.append((obj, key, getattr(obj, key)))
+                setattr(obj, key, value)
             yield model
         finally:
             with torch.no_grad():
                 for param, original in saved:
                     param.copy_(original)
+            for linear, weight in swapped:
+                linear.weight = weight
+                linear.out_features, linear.in_features = weight.shape
+            for obj, key, value in configs:
+                setattr(obj, key, value)
 
     def stats(self) -> dict[str, Any]:
-        """Sizes for the report: rank and Frobenius norm per module."""
-        return {
+        """Sizes for the report: rank (or appended width) and Frobenius norm per module."""
+        stats = {
             d.module: {"rank": d.rank, "norm": round(float(d.dense().detach().norm()), 6)} for d in self.deltas
         }
+        for g in self.grows:
+            stats[g.module] = {"appended": int(g.extra.shape[g.dim]), "norm": round(float(g.extra.norm()), 6)}
+        return stats
 
     def max_rank(self) -> int:
         return max((d.rank for d in self.deltas), default=0)
@@ -121,7 +166,14 @@ class Patch:
             tensors[f"{d.module}.B"], tensors[f"{d.module}.A"] = d.B.contiguous(), d.A.contiguous()
             if d.bias is not None:
                 tensors[f"{d.module}.bias"] = d.bias.contiguous()
-        meta = {"modules": json.dumps(self.modules), "description": json.dumps(self.description)}
+        for g in self.grows:
+            tensors[f"{g.module}.extra{g.dim}"] = g.extra.contiguous()
+        meta = {
+            "modules": json.dumps([d.module for d in self.deltas]),
+            "grows": json.dumps([[g.module, g.dim] for g in self.grows]),
+            "config_updates": json.dumps(self.config_updates),
+            "description": json.dumps(self.description),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -142,4 +194,14 @@ class Patch:
             WeightDelta(m, tensors[f"{m}.B"], tensors[f"{m}.A"], tensors.get(f"{m}.bias"))
             for m in json.loads(meta["modules"])
         )
-        return cls(deltas, json.loads(meta.get("description", "{}")))
+        grows = tuple(Growth(m, dim, tensors[f"{m}.extra{dim}"]) for m, dim in json.loads(meta.get("grows", "[]")))
+        return cls(
+            deltas, json.loads(meta.get("description", "{}")), grows, json.loads(meta.get("config_updates", "{}"))
+        )
+
+
+def _module(model: nn.Module, name: str, where: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise InputError(where, name, "the model has no such module") from None
