@@ -26,8 +26,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Figures are ratios measured in one run on this machine; each script writes runs/bench/*.{json,md}.
 bench: $(STAMP) data/world/train.jsonl
 	$(PY) benchmarks/run.py --out runs/bench
+	$(PY) benchmarks/fold_table.py --out runs/bench
+	$(PY) benchmarks/export_bench.py --out runs/bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

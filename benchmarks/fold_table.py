@@ -24,8 +24,16 @@ from sauce_export.verify import Variant, fidelity_report, fidelity_sets
 
 FOLDS: dict[str, dict[str, Any]] = {
     "projection, writers of layers 0..L + embeddings": {"method": "projection"},
-    "projection, writers of layer L only": {"method": "projection", "first_layer": -1, "include_embed": False},
-    "lora on down_proj, ridge closed form": {"method": "lora", "modules": ["mlp.down_proj"], "refine_steps": 0},
+    "projection, writers of layer L only": {
+        "method": "projection",
+        "first_layer": -1,
+        "include_embed": False,
+    },
+    "lora on down_proj, ridge closed form": {
+        "method": "lora",
+        "modules": ["mlp.down_proj"],
+        "refine_steps": 0,
+    },
     "lora on down_proj, ridge + KL refinement": {"method": "lora", "modules": ["mlp.down_proj"]},
     "lora on o_proj + down_proj, ridge closed form": {"method": "lora", "refine_steps": 0},
     "lora on o_proj + down_proj, ridge + KL (default)": {"method": "lora"},
@@ -55,7 +63,8 @@ def main() -> None:
         hooked_ok = row_correctness(lm, scored, recipe.eval.batch_size, progress=False)
     hooked = Variant("hooked", lm.model, lambda: edit.apply(lm.model))
     sets = {
-        str(c): fidelity_sets(rows, c, concepts, recipe.eval.forget_split, args.fidelity_rows, 0) for c in concepts
+        str(c): fidelity_sets(rows, c, concepts, recipe.eval.forget_split, args.fidelity_rows, 0)
+        for c in concepts
     }
     results = []
     for name, overrides in FOLDS.items():
@@ -70,13 +79,17 @@ def main() -> None:
         folded = Variant(name, lm.model, lambda patch=patch: patch.apply(lm.model))
         per_concept = {}
         for c in concepts:
-            fid = fidelity_report(lm, hooked, folded, sets[str(c)], edit, recipe.eval.batch_size, progress=False)
+            fid = fidelity_report(
+                lm, hooked, folded, sets[str(c)], edit, recipe.eval.batch_size, progress=False
+            )
             per_concept[str(c)] = {
                 "folded": concept_metrics(folded_ok, selections[str(c)]),
                 "hooked": concept_metrics(hooked_ok, selections[str(c)]),
                 **fid,
             }
-        results.append({"fold": name, "config": overrides, "seconds": round(seconds, 2), "concepts": per_concept})
+        results.append(
+            {"fold": name, "config": overrides, "seconds": round(seconds, 2), "concepts": per_concept}
+        )
         print(f"{name}: {seconds:.1f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "folds.json").write_text(json.dumps(results, indent=1))
@@ -98,8 +111,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"{f[k]:.3f} ({h[k]:.3f})" if f[k] is not None else "-"
                 for k in ("forget_acc", "retain_acc", "interference_acc")
             ]
-            kls = [f"{m[k]:.4f}" for k in ("kl_vs_hooked_forget", "kl_vs_hooked_retain",
-                                            "kl_vs_hooked_forget_ctx", "kl_vs_hooked_retain_ctx")]
+            kls = [
+                f"{m[k]:.4f}"
+                for k in (
+                    "kl_vs_hooked_forget",
+                    "kl_vs_hooked_retain",
+                    "kl_vs_hooked_forget_ctx",
+                    "kl_vs_hooked_retain_ctx",
+                )
+            ]
             lines.append(
                 f"| {r['fold']} | {concept} | {' | '.join(cells)} | {' | '.join(kls)} "
                 f"| {m['top1_agree_vs_hooked']:.3f} | {r['seconds']} |"

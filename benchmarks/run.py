@@ -57,7 +57,9 @@ def main() -> None:
 
         @torch.no_grad()
         def generate() -> None:
-            model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+            model.generate(
+                **prompt, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+            )
 
         return {"score": (score, len(rows)), "generate": (generate, prompt["input_ids"].shape[0] * 8)}
 

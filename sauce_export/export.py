@@ -1,15 +1,19 @@
 """Bake a ``Patch`` into a checkpoint on disk, or write it as a PEFT LoRA adapter.
 
 The checkpoint writer streams: it never loads the model. Weight files the patch does not touch, and
-every non-weight file, are copied byte for byte; a touched safetensors file is rewritten with the
-source's byte layout (same header entries and offsets, only the touched tensors' bytes replaced), so
-memory stays near one tensor and time near a file copy. Everything is written into a temporary
-directory that replaces ``out`` only after ``check_export`` has compared every tensor's name, shape
-and dtype with the source.
+every non-weight file, are copied byte for byte by the kernel (``copy_file_range``) while a second
+thread hashes the same bytes from the source; a touched safetensors file is rewritten with the
+source's byte layout (same header entries in the same order, only the touched tensors' bytes
+replaced; offsets move only after a grown tensor), so memory stays near one tensor and time near a
+file copy. A patch that grows weights also rewrites ``config.json`` (its ``config_updates``) and the
+shard index's ``total_size``; before anything is written, the model built from the updated config
+must have exactly the grown shapes. Everything is written into a temporary directory that replaces
+``out`` only after ``check_export`` has compared every tensor's name, shape and dtype with the source.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -20,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -46,7 +50,15 @@ _FLOAT_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
-_CHUNK = 16 << 20
+_CHUNK = 16 << 20  # hashing a file already written (pickle rewrites, adapters)
+_HASH_CHUNK = 1 << 20  # the hash thread's buffer: small enough to stay in L2 between read and hash
+_COPY_CHUNK = 256 << 20  # bytes per kernel copy call (progress granularity)
+_READ_CHUNK = 8 << 20  # the user-space fallback copy
+# copy_file_range / sendfile errors that mean "not here" (another file system, kernel or OS): fall back.
+_NO_KERNEL_COPY = {
+    errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTSOCK, errno.EBADF,
+    errno.EPERM,
+}  # fmt: skip
 _SKIP_DIRS = {".git"}  # a git clone's LFS objects are a second, unpatched copy of the weights
 
 
@@ -218,12 +230,18 @@ def plan_edits(source: Path, layout: Layout, config: PretrainedConfig, patch: Pa
     for grow in patch.grows:
         if not torch.isfinite(grow.extra).all():
             raise InputError("patch", f"{grow.module}.extra", "contains NaN or Inf")
+        if grow.dim not in (0, 1) or grow.extra.dim() != 2:
+            raise InputError(
+                "patch", grow.module, f"cannot append a {grow.extra.dim()}-d block along dim {grow.dim}"
+            )
         key = disk_key_in(layout.tensors.keys(), config, grow.module, where) + ".weight"  # type: ignore[arg-type]
         spec = layout.tensors.get(key)
         if spec is None:
             raise InputError(where, key, f"not in the checkpoint (patch module {grow.module})")
         if len(spec.shape) != 2 or spec.shape[1 - grow.dim] != grow.extra.shape[1 - grow.dim]:
-            raise InputError(where, key, f"cannot append {list(grow.extra.shape)} to shape {list(spec.shape)}")
+            raise InputError(
+                where, key, f"cannot append {list(grow.extra.shape)} to shape {list(spec.shape)}"
+            )
         _check_float(spec, where, key)
         edits[key] = (grow, "grow")
     return edits
@@ -252,56 +270,112 @@ def _patched(tensor: torch.Tensor, change: WeightDelta | Growth, part: str) -> t
 
 
 class _Writer:
-    """One output file, hashed as it is written.
+    """One output file and the sha256 of everything written to it.
 
-    The hash of a chunk runs on a second thread while the chunk is written and the next one read
-    (two alternating buffers), so on two free cores the hash costs little more than the copy.
+    Ranges of a source file are copied by the kernel (``copy_file_range``; ``sendfile`` or a plain
+    read/write where that is unavailable) while the single hash thread reads the same range from
+    the source (page-cached, in a buffer that fits L2) and hashes it, so the hash costs a second
+    core rather than a second pass. In-memory bytes (headers, patched tensors) are written on this
+    thread and hashed on the other. The hash thread runs jobs in submission order, which keeps the
+    digest in file order.
     """
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor, bar: tqdm, buffers: list[bytearray]) -> None:
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, bar: tqdm) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pool, self.bar, self.buffers = pool, bar, buffers
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.path, self.pool, self.bar = path, pool, bar
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         self.sha = hashlib.sha256()
         self.bytes = 0
-        self.hashing: Future[None] | None = None
+        self.jobs: list[Future[None]] = []
+        self.held: Future[None] | None = None  # the hash of the last in-memory block
+        self.buffer = bytearray(_HASH_CHUNK)  # the hash thread's
+        self.mode = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
 
-    def _wait(self) -> None:
-        if self.hashing is not None:
-            self.hashing.result()
-            self.hashing = None
+    def _out(self, data: memoryview) -> None:
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
 
-    def write(self, data: memoryview) -> None:
-        """Write ``data``; its hash may still be running on return (``data`` must stay unchanged)."""
-        self._wait()
-        self.hashing = self.pool.submit(self.sha.update, data)
-        self.file.write(data)
-        self.bytes += len(data)
-        self.bar.update(len(data))
+    def write(self, data: bytes | memoryview) -> None:
+        """Write ``data``, hashed on the other thread: it must stay unchanged until the next ``write``
+        or ``close`` (which wait for its hash, so at most one block is held beyond the caller's)."""
+        view = memoryview(data).cast("B")
+        if self.held is not None:
+            self.held.result()
+        self.held = self.pool.submit(self.sha.update, view)
+        self.jobs.append(self.held)
+        self._out(view)
+        self.bytes += len(view)
+        self.bar.update(len(view))
 
-    def copy_from(self, src: BinaryIO, offset: int, length: int) -> None:
-        """Copy ``length`` raw bytes of ``src`` from ``offset`` in chunks, never decoding them."""
-        self._wait()  # the buffers are free again
-        src.seek(offset)
-        turn = 0
-        while length > 0:
-            view, turn = memoryview(self.buffers[turn]), 1 - turn
-            n = src.readinto(view[: min(length, len(view))])  # type: ignore[attr-defined]
-            if not n:
-                raise InputError(str(getattr(src, "name", "source")), "data", "file is truncated")
-            self.write(view[:n])
-            length -= n
+    def copy_from(self, src: Path, offset: int, length: int) -> None:
+        """Append ``length`` bytes of ``src`` from ``offset``, copied by the kernel, never decoded."""
+        if length <= 0:
+            return
+        self.jobs.append(self.pool.submit(_hash_range, self.sha, src, offset, length, self.buffer))
+        with open(src, "rb", buffering=0) as f:
+            while length > 0:
+                n = self._copy(f.fileno(), offset, min(length, _COPY_CHUNK), src)
+                offset, length = offset + n, length - n
+                self.bytes += n
+                self.bar.update(n)
+
+    def _copy(self, src: int, offset: int, count: int, name: Path) -> int:
+        """Copy up to ``count`` bytes of ``src`` at ``offset`` to the end of the output; bytes copied."""
+        if self.mode in ("copy_file_range", "sendfile"):
+            try:
+                if self.mode == "copy_file_range":
+                    n = os.copy_file_range(src, self.fd, count, offset)
+                else:
+                    n = os.sendfile(self.fd, src, offset, count)
+            except OSError as err:
+                if err.errno not in _NO_KERNEL_COPY:
+                    raise
+                self.mode = (
+                    "sendfile" if self.mode == "copy_file_range" and hasattr(os, "sendfile") else "read"
+                )
+                return self._copy(src, offset, count, name)
+            if n:
+                return n
+            self.mode = "read"  # 0 before the end: the source is short (reported below) or the file
+            # system copies nothing this way (some virtual file systems); read it the plain way
+        os.lseek(src, offset, os.SEEK_SET)
+        data = os.read(src, min(count, _READ_CHUNK))
+        if not data:
+            raise InputError(str(name), "data", "file is truncated")
+        self._out(memoryview(data))
+        return len(data)
 
     def close(self) -> dict[str, Any]:
         try:
-            self._wait()
+            for job in self.jobs:  # all of them, even after an error, before the buffers go
+                job.exception()
+            for job in self.jobs:
+                job.result()
         finally:
-            self.file.close()
+            os.close(self.fd)
         return {"bytes": self.bytes, "sha256": self.sha.hexdigest()}
 
 
+def _hash_range(sha: Any, src: Path, offset: int, length: int, buffer: bytearray) -> None:
+    """On the hash thread: ``sha.update`` with ``length`` bytes of ``src`` from ``offset``."""
+    view = memoryview(buffer)
+    with open(src, "rb", buffering=0) as f:
+        f.seek(offset)
+        while length > 0:
+            n = f.readinto(view[: min(length, len(view))])
+            if not n:
+                raise InputError(str(src), "data", "file is truncated")
+            sha.update(view[:n])
+            length -= n
+
+
 def _rewrite_safetensors(
-    src_path: Path, writer: _Writer, edits: dict[str, Change], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]
+    src_path: Path,
+    writer: _Writer,
+    edits: dict[str, Change],
+    metadata: dict[str, str],
+    shapes: dict[str, tuple[int, ...]],
 ) -> None:
     """The source's header entries in the source's order plus provenance metadata; edited bytes swapped
     in. Offsets move only after a tensor whose size changed (a grown weight)."""
@@ -322,9 +396,9 @@ def _rewrite_safetensors(
 
     data_len = src_path.stat().st_size - data_start
     pos = 0
-    with open(src_path, "rb", buffering=0) as src, safe_open(str(src_path), "pt") as st:
+    with safe_open(str(src_path), "pt") as st:
         for (start, end), key in touched:
-            writer.copy_from(src, data_start + pos, start - pos)
+            writer.copy_from(src_path, data_start + pos, start - pos)
             new = _patched(st.get_tensor(key), *edits[key])
             raw = new.contiguous().reshape(-1).view(torch.uint8).numpy()
             want = entries[key]["data_offsets"][1] - entries[key]["data_offsets"][0]
@@ -332,24 +406,30 @@ def _rewrite_safetensors(
                 raise ExportCheckError(f"{src_path}: {key}: {raw.nbytes} bytes != {want} in header")
             writer.write(memoryview(raw))
             pos = end
-        writer.copy_from(src, data_start + pos, data_len - pos)
+        writer.copy_from(src_path, data_start + pos, data_len - pos)
 
 
 def _updated_json(path: Path, updates: dict[str, Any]) -> bytes:
-    """``path``'s JSON with dotted keys set, in transformers' own layout (indent 2, sorted keys)."""
-    data = json.loads(path.read_text())
+    """``path``'s JSON with dotted keys set, in transformers' own layout (indent 2, sorted keys).
+
+    A missing parent object is created (a config.json may omit a sub-config left at its defaults).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(str(path), "json", f"unreadable ({err})") from None
     for dotted, value in updates.items():
         *parents, key = dotted.split(".")
         node = data
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(str(path), dotted, f"{part} is not an object")
         node[key] = value
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _rewrite_pickle(
-    src_path: Path, dst_path: Path, edits: dict[str, Change], bar: tqdm
-) -> dict[str, Any]:
+def _rewrite_pickle(src_path: Path, dst_path: Path, edits: dict[str, Change], bar: tqdm) -> dict[str, Any]:
     state = _torch_load(src_path)
     with torch.no_grad():
         for key in edits.keys() & state.keys():
@@ -361,24 +441,100 @@ def _rewrite_pickle(
 
 
 def _rewritten_json(
-    source: Path, layout: Layout, patch: Patch, shapes: dict[str, tuple[int, ...]]
+    source: Path, layout: Layout, config: PretrainedConfig, patch: Patch, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, bytes]:
-    """config.json with the patch's config updates, and the shard index with the new total size;
-    only when the patch changes shapes (every other non-weight file stays byte-identical)."""
+    """config.json with the patch's config updates and the shard index with the new ``total_size``,
+    both only where the patch needs them (every other non-weight file stays byte-identical).
+
+    Validated before anything is written: every updated key exists in the source config, and the
+    model that the updated config builds has exactly the source's parameter shapes except the grown
+    weights, which have their grown shape (so the export loads with stock classes).
+    """
     out: dict[str, bytes] = {}
-    if patch.config_updates:
-        out["config.json"] = _updated_json(source / "config.json", patch.config_updates)
+    if patch.config_updates or patch.grows:
+        where = str(source / "config.json")
+        for dotted, value in patch.config_updates.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError("patch", f"config_updates.{dotted}", f"{value!r} is not an integer")
+            node: Any = config
+            for part in dotted.split("."):
+                if not hasattr(node, part):
+                    raise InputError(where, dotted, "no such key in the model's config")
+                node = getattr(node, part)
+        updated = _updated_json(source / "config.json", patch.config_updates)
+        _check_growth(
+            where, config, json.loads((source / "config.json").read_text()), json.loads(updated), patch
+        )
+        if patch.config_updates:
+            out["config.json"] = updated
     index = SAFETENSORS_INDEX if layout.kind == "safetensors" else PICKLE_INDEX
     if shapes and (source / index).is_file():
         meta = json.loads((source / index).read_text()).get("metadata", {})
         if "total_size" in meta:
             grown = sum(
-                (math.prod(shape) - math.prod(layout.tensors[k].shape))
-                * _itemsize(layout.tensors[k].dtype)
+                (math.prod(shape) - math.prod(layout.tensors[k].shape)) * _itemsize(layout.tensors[k].dtype)
                 for k, shape in shapes.items()
             )
             out[index] = _updated_json(source / index, {"metadata.total_size": meta["total_size"] + grown})
     return out
+
+
+def _meta_model_for(config: PretrainedConfig) -> torch.nn.Module:
+    """The class ``lm.load_model`` would load for ``config`` (whose module names a patch uses), on meta."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    try:
+        model = _meta_model_for(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InputError("config", "model", f"cannot build the model from the config ({err})") from None
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _check_growth(
+    where: str,
+    config: PretrainedConfig,
+    source_json: dict[str, Any],
+    updated_json: dict[str, Any],
+    patch: Patch,
+) -> None:
+    """InputError unless the model built from ``updated_json`` (config.json after the patch's updates)
+    has each grown weight's new shape and every other parameter the shape it has in ``source_json``'s."""
+    original = type(config).from_dict(source_json)
+    try:
+        after_config = type(config).from_dict(updated_json)
+    except Exception as err:  # transformers' own validators raise several kinds
+        raise InputError(where, "config_updates", f"the updated config does not load ({err})") from None
+    for dotted, value in patch.config_updates.items():
+        node: Any = after_config
+        for part in dotted.split("."):
+            node = getattr(node, part, None)
+        if node != value:
+            raise InputError(where, dotted, f"set to {value!r}, but the rewritten config reads back {node!r}")
+    before, after = _param_shapes(original), _param_shapes(after_config)
+    grown = {f"{g.module}.weight": g for g in patch.grows}
+    updates = ", ".join(f"{k}={v}" for k, v in patch.config_updates.items()) or "no config updates"
+    for name, g in grown.items():
+        if name not in before or name not in after:
+            raise InputError("patch", g.module, "the model built from config.json has no such Linear")
+        want = g.grown_shape(before[name])
+        if after[name] != want:
+            raise InputError(
+                "patch",
+                g.module,
+                f"grows to {list(want)}, but config.json with {updates} builds {list(after[name])}",
+            )
+    for name in sorted(before.keys() | after.keys()):
+        if name not in grown and before.get(name) != after.get(name):
+            old, new = before.get(name), after.get(name)
+            raise InputError(
+                "patch", name, f"{updates} changes it ({old} -> {new}) but the patch does not grow it"
+            )
 
 
 def _source_files(source: Path) -> list[str]:
@@ -435,7 +591,7 @@ def export_checkpoint(
     edits = plan_edits(source, layout, config, patch)
     shapes = new_shapes(layout, edits)
     touched_files = {layout.tensors[k].file for k in edits}
-    rewritten_json = _rewritten_json(source, layout, patch, shapes)
+    rewritten_json = _rewritten_json(source, layout, config, patch, shapes)
     names = [n for n in _source_files(source) if n not in layout.stale]
     total = sum((source / n).stat().st_size for n in names)
 
@@ -446,21 +602,19 @@ def export_checkpoint(
         tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar,
     ):
         bar.set_description(f"export {out.name}")
-        buffers = [bytearray(_CHUNK), bytearray(_CHUNK)]
         for name in names:
             src, dst = source / name, tmp / name
             if name in touched_files and layout.kind == "pickle":
                 records.append({"name": name, **_rewrite_pickle(src, dst, edits, bar)})
                 continue
-            writer = _Writer(dst, pool, bar, buffers)
+            writer = _Writer(dst, pool, bar)
             try:
                 if name in rewritten_json:
                     writer.write(memoryview(rewritten_json[name]))
                 elif name in touched_files:
                     _rewrite_safetensors(src, writer, edits, metadata, shapes)
                 else:
-                    with open(src, "rb", buffering=0) as f:
-                        writer.copy_from(f, 0, src.stat().st_size)
+                    writer.copy_from(src, 0, src.stat().st_size)
             finally:
                 records.append({"name": name, **writer.close()})
         check_export(source, tmp, allow_pickle=allow_pickle, changed=shapes)
@@ -480,6 +634,8 @@ def check_export(
     ``source``, except the new shapes ``changed`` that the patch is meant to give (grown weights)."""
     want = read_layout(Path(source), allow_pickle).tensors
     for key, shape in (changed or {}).items():
+        if key not in want:
+            raise ExportCheckError(f"{source}: {key} is to change shape but is not in the source")
         want[key] = TensorSpec(want[key].file, tuple(shape), want[key].dtype)
     try:
         got = read_layout(Path(out), allow_pickle).tensors
@@ -542,8 +698,10 @@ def write_peft_adapter(
         raise InputError(str(out), "output", "already exists (pass --overwrite to replace it)")
     if patch.grows:
         raise InputError(
-            "patch", "grows", f"a {patch.description.get('method', 'gated')} fold adds neurons; a LoRA adapter "
-            "can only carry low-rank changes of existing weights (use fold.method: lora for --format peft)"
+            "patch",
+            "grows",
+            f"a {patch.description.get('method', 'gated')} fold adds neurons; a LoRA adapter "
+            "can only carry low-rank changes of existing weights (use fold.method: lora for --format peft)",
         )
     if not patch.deltas:
         raise InputError("patch", "modules", "the patch is empty")

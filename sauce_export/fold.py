@@ -59,15 +59,22 @@ class FoldConfig:
             "layer's writers up to the site (o_proj and down_proj for a residual site)."
         },
     )
-    first_layer: int = field(default=0, metadata={"help": "projection: first layer whose writers are projected."})
+    first_layer: int = field(
+        default=0, metadata={"help": "projection: first layer whose writers are projected."}
+    )
     include_embed: bool = field(
         default=True,
         metadata={"help": "projection: also project the token embedding and the image projector."},
     )
-    calib_rows: int = field(default=2048, metadata={"help": "Calibration rows (half concept, half the rest)."})
-    ridge: float = field(default=1e-3, metadata={"help": "lora: ridge strength, relative to mean input power."})
+    calib_rows: int = field(
+        default=2048, metadata={"help": "Calibration rows (half concept, half the rest)."}
+    )
+    ridge: float = field(
+        default=1e-3, metadata={"help": "lora: ridge strength, relative to mean input power."}
+    )
     refine_steps: int = field(
-        default=300, metadata={"help": "lora/gated: Adam steps minimising KL(hooked || folded) (0: closed form only)."}
+        default=300,
+        metadata={"help": "lora/gated: Adam steps minimising KL(hooked || folded) (0: closed form only)."},
     )
     refine_lr: float = field(
         default=1e-2, metadata={"help": "lora/gated: refinement step size, relative to each tensor's RMS."}
@@ -141,7 +148,9 @@ def capture(
     ]
     site_module = model.get_submodule(site_module_name(model, site))
     handles.append(
-        site_module.register_forward_hook(lambda _m, _a, out: seen.__setitem__("@site", hidden_of(out).detach()))
+        site_module.register_forward_hook(
+            lambda _m, _a, out: seen.__setitem__("@site", hidden_of(out).detach())
+        )
     )
     try:
         total = (len(rows) + batch_size - 1) // batch_size
@@ -175,7 +184,10 @@ def projection_fold(model: nn.Module, edit: Edit, cfg: FoldConfig) -> Patch:
         )
     q, _ = torch.linalg.qr(edit.sae.W_dec[list(edit.features)].detach().float().T)  # [d, k]
     writers = residual_writers(
-        model, range(cfg.first_layer, layer + 1), include_embed=cfg.include_embed, include_extra=cfg.include_embed
+        model,
+        range(cfg.first_layer, layer + 1),
+        include_embed=cfg.include_embed,
+        include_extra=cfg.include_embed,
     )
     deltas = []
     for name, module in writers.items():
@@ -188,7 +200,12 @@ def projection_fold(model: nn.Module, edit: Edit, cfg: FoldConfig) -> Patch:
         deltas.append(WeightDelta(name, -q, (q.T @ w).contiguous(), bias_delta))
     return Patch(
         tuple(deltas),
-        {"method": "projection", "layers": [cfg.first_layer, layer], "rank": q.shape[1], "modules": list(writers)},
+        {
+            "method": "projection",
+            "layers": [cfg.first_layer, layer],
+            "rank": q.shape[1],
+            "modules": list(writers),
+        },
     )
 
 
@@ -218,19 +235,27 @@ def lora_fold(
     b = edit.sae.W_dec[list(edit.features)].detach().float().T.contiguous()  # [d, k]
     widths = [model.get_submodule(m).in_features for m in modules]
     a_parts = torch.split(a_all, widths, dim=1)
-    deltas = [
-        WeightDelta(m, b.clone(), a.contiguous()) for m, a in zip(modules, a_parts, strict=True)
-    ]
+    deltas = [WeightDelta(m, b.clone(), a.contiguous()) for m, a in zip(modules, a_parts, strict=True)]
     # Each module gets B A_m; their outputs add into the same residual, so the sum is B A x.
     patch = Patch(
         tuple(deltas),
-        {"method": "lora", "modules": modules, "rank": b.shape[1], "calib_tokens": tokens, "ridge": cfg.ridge},
+        {
+            "method": "lora",
+            "modules": modules,
+            "rank": b.shape[1],
+            "calib_tokens": tokens,
+            "ridge": cfg.ridge,
+        },
     )
     if cfg.refine_steps > 0:
-        parts = {d.module: ([nn.Parameter(d.B.clone()), nn.Parameter(d.A.clone())], _lowrank_add) for d in deltas}
+        parts = {
+            d.module: ([nn.Parameter(d.B.clone()), nn.Parameter(d.A.clone())], _lowrank_add) for d in deltas
+        }
         refined = kl_refine(lm, edit, rows, cfg, parts, progress)
         deltas = [WeightDelta(m, b.detach().clone(), a.detach().clone()) for m, ((b, a), _) in parts.items()]
-        patch = Patch(tuple(deltas), {**patch.description, "refine_steps": cfg.refine_steps, "refine": refined})
+        patch = Patch(
+            tuple(deltas), {**patch.description, "refine_steps": cfg.refine_steps, "refine": refined}
+        )
     return patch
 
 
@@ -303,7 +328,11 @@ def kl_refine(
             handle.remove()
         for p, requires in frozen:
             p.requires_grad_(requires)
-    return {"held_out_kl_before": round(before, 6), "held_out_kl_after": round(after, 6), "kept": after <= before}
+    return {
+        "held_out_kl_before": round(before, 6),
+        "held_out_kl_after": round(after, 6),
+        "kept": after <= before,
+    }
 
 
 def _lowrank_add(x: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
@@ -327,7 +356,9 @@ def gated_fold(
     if getattr(text_cfg, "hidden_act", "silu") != "silu":
         raise InputError("fold", "method", f"gated needs a SiLU MLP, this model uses {text_cfg.hidden_act}")
     if edit.multiplier is None and edit.clamp != 0:
-        raise InputError("fold", "method", "gated folds clamp 0 or a multiplier; use lora for a negative clamp")
+        raise InputError(
+            "fold", "method", "gated folds clamp 0 or a multiplier; use lora for a negative clamp"
+        )
     site = parse_site(edit.site)
     mlp = f"{spec.layers}.{site.layer}.{spec.mlp}"
     feats = list(edit.features)
@@ -354,7 +385,9 @@ def gated_fold(
         nn.Parameter(const.repeat(len(feats), 1) / sharp[:, None]),
         nn.Parameter(scale * edit.sae.W_dec[feats].detach().float().T.contiguous()),
     ]
-    refined = kl_refine(lm, edit, rows, cfg, {mlp: (params, _neurons_add)}, progress) if cfg.refine_steps else {}
+    refined = (
+        kl_refine(lm, edit, rows, cfg, {mlp: (params, _neurons_add)}, progress) if cfg.refine_steps else {}
+    )
     width = int(text_cfg.intermediate_size)
     new_width = -(-(width + len(feats)) // max(cfg.pad_multiple, 1)) * max(cfg.pad_multiple, 1)
     pad = new_width - width - len(feats)

@@ -98,14 +98,19 @@ class Patch:
             weight = getattr(module, "weight", None)
             if weight is None or tuple(weight.shape) != delta.shape:
                 got = None if weight is None else list(weight.shape)
-                raise InputError(where, delta.module, f"weight shape {got} != patch shape {list(delta.shape)}")
+                raise InputError(
+                    where, delta.module, f"weight shape {got} != patch shape {list(delta.shape)}"
+                )
             if delta.bias is not None and getattr(module, "bias", None) is None:
                 raise InputError(where, f"{delta.module}.bias", "the module has no bias to patch")
         for g in self.grows:
             if not torch.isfinite(g.extra).all():
                 raise InputError(where, f"{g.module}.extra", "contains NaN or Inf")
             module = _module(model, g.module, where)
-            if not isinstance(module, nn.Linear) or module.weight.shape[1 - g.dim] != g.extra.shape[1 - g.dim]:
+            if (
+                not isinstance(module, nn.Linear)
+                or module.weight.shape[1 - g.dim] != g.extra.shape[1 - g.dim]
+            ):
                 raise InputError(where, g.module, f"cannot append {list(g.extra.shape)} along dim {g.dim}")
 
     @contextmanager
@@ -150,7 +155,8 @@ class Patch:
     def stats(self) -> dict[str, Any]:
         """Sizes for the report: rank (or appended width) and Frobenius norm per module."""
         stats = {
-            d.module: {"rank": d.rank, "norm": round(float(d.dense().detach().norm()), 6)} for d in self.deltas
+            d.module: {"rank": d.rank, "norm": round(float(d.dense().detach().norm()), 6)}
+            for d in self.deltas
         }
         for g in self.grows:
             stats[g.module] = {"appended": int(g.extra.shape[g.dim]), "norm": round(float(g.extra.norm()), 6)}
@@ -194,9 +200,14 @@ class Patch:
             WeightDelta(m, tensors[f"{m}.B"], tensors[f"{m}.A"], tensors.get(f"{m}.bias"))
             for m in json.loads(meta["modules"])
         )
-        grows = tuple(Growth(m, dim, tensors[f"{m}.extra{dim}"]) for m, dim in json.loads(meta.get("grows", "[]")))
+        grows = tuple(
+            Growth(m, dim, tensors[f"{m}.extra{dim}"]) for m, dim in json.loads(meta.get("grows", "[]"))
+        )
         return cls(
-            deltas, json.loads(meta.get("description", "{}")), grows, json.loads(meta.get("config_updates", "{}"))
+            deltas,
+            json.loads(meta.get("description", "{}")),
+            grows,
+            json.loads(meta.get("config_updates", "{}")),
         )
 
 

@@ -253,7 +253,12 @@ class Run:
         """Accuracy of original / hooked / folded / exported, and fidelity of the last two to hooked."""
         r = self.recipe
         edit, patch, exported = self.edit(), self.patch(), self.export()
-        key = {"fold": self.fold_info, "export": exported["files"], "eval": asdict(r.eval), "data": r.data.eval}
+        key = {
+            "fold": self.fold_info,
+            "export": exported["files"],
+            "eval": asdict(r.eval),
+            "data": r.data.eval,
+        }
 
         def body(directory: Path) -> dict[str, Any]:
             rows, bs = self.eval_rows, r.eval.batch_size
@@ -270,7 +275,10 @@ class Run:
                 with v.context():
                     correctness[v.name] = row_correctness(
                         LoadedModel(v.model, self.lm.tokenizer, self.lm.processor, self.lm.path),
-                        rows, bs, f"eval {v.name}", self.progress,
+                        rows,
+                        bs,
+                        f"eval {v.name}",
+                        self.progress,
                     )
             concepts = []
             for concept in self.concepts:
@@ -278,7 +286,9 @@ class Run:
                     rows, concept, r.eval.forget_split, r.eval.generality_split, removed=self.concepts
                 )
                 if not selection["forget_acc"]:
-                    raise InputError(r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}")
+                    raise InputError(
+                        r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}"
+                    )
                 metrics = {v.name: concept_metrics(correctness[v.name], selection) for v in variants}
                 sets = fidelity_sets(
                     rows, concept, self.concepts, r.eval.forget_split, r.eval.fidelity_rows, r.fold.seed

@@ -85,7 +85,9 @@ class EvalSection:
     batch_size: int = _f(128, "Rows per forward pass.")
     forget_split: str = _f("heldout_view", "Split whose target-concept questions measure forgetting.")
     generality_split: str = _f("heldout_paraphrase", "Split with held-out paraphrases (generality).")
-    fidelity_rows: int = _f(128, "Forget and retain prompts per concept for KL / agreement vs the hooked edit.")
+    fidelity_rows: int = _f(
+        128, "Forget and retain prompts per concept for KL / agreement vs the hooked edit."
+    )
 
 
 @dataclass

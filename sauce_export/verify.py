@@ -67,7 +67,12 @@ def _prefix(row: Row) -> str:
 
 
 def fidelity_sets(
-    rows: Sequence[Row], concept: Concept, removed: Sequence[Concept], forget_split: str, limit: int, seed: int
+    rows: Sequence[Row],
+    concept: Concept,
+    removed: Sequence[Concept],
+    forget_split: str,
+    limit: int,
+    seed: int,
 ) -> dict[str, list[Row]]:
     """Held-out forget and retain prompts of one concept, plain and with unrelated context."""
     rng = random.Random(seed)
@@ -113,7 +118,11 @@ def fidelity(
     cos_sum = n_tokens = act_sum = 0.0
     total = (len(rows) + batch_size - 1) // batch_size
     for batch in tqdm(
-        batches(lm, rows, batch_size), total=total, desc=f"fidelity {candidate.name}", disable=not progress, leave=False
+        batches(lm, rows, batch_size),
+        total=total,
+        desc=f"fidelity {candidate.name}",
+        disable=not progress,
+        leave=False,
     ):
         ref_logp, ref_h = _run(reference, batch.inputs, edit.site)
         logp, h = _run(candidate, batch.inputs, edit.site)
@@ -159,44 +168,72 @@ def fidelity_report(
     return out
 
 
-def gate_checks(concepts: list[dict[str, Any]], gates: VerifyGates, variant: str | None) -> list[dict[str, Any]]:
+def gate_checks(
+    concepts: list[dict[str, Any]], gates: VerifyGates, variant: str | None
+) -> list[dict[str, Any]]:
     """Hooked reference vs original (always), and ``variant`` (exported) vs hooked when given."""
     checks = []
     for c in concepts:
         m, name = c["metrics"], f"{c['kind']}:{c['name']}"
         orig, hooked = m["original"], m["hooked"]
         checks.append(
-            _check(f"{name} hooked forget_acc <= chance + {gates.hooked_forget_margin}", hooked["forget_acc"],
-                   c["chance_acc"] + gates.hooked_forget_margin, "<=")
+            _check(
+                f"{name} hooked forget_acc <= chance + {gates.hooked_forget_margin}",
+                hooked["forget_acc"],
+                c["chance_acc"] + gates.hooked_forget_margin,
+                "<=",
+            )
         )
         for metric in ("retain_acc", "interference_acc"):
             if orig[metric] is not None and hooked[metric] is not None:
                 checks.append(
-                    _check(f"{name} hooked {metric} >= {gates.hooked_keep} x original", hooked[metric],
-                           gates.hooked_keep * orig[metric], ">=")
+                    _check(
+                        f"{name} hooked {metric} >= {gates.hooked_keep} x original",
+                        hooked[metric],
+                        gates.hooked_keep * orig[metric],
+                        ">=",
+                    )
                 )
         if variant is None or variant not in m:
             continue
         got = m[variant]
         checks.append(
-            _check(f"{name} {variant} forget_acc <= hooked + {gates.forget_slack}", got["forget_acc"],
-                   hooked["forget_acc"] + gates.forget_slack, "<=")
+            _check(
+                f"{name} {variant} forget_acc <= hooked + {gates.forget_slack}",
+                got["forget_acc"],
+                hooked["forget_acc"] + gates.forget_slack,
+                "<=",
+            )
         )
         for metric in ("retain_acc", "interference_acc"):
             if got[metric] is not None and hooked[metric] is not None:
                 checks.append(
-                    _check(f"{name} {variant} {metric} >= hooked - {gates.keep_slack}", got[metric],
-                           hooked[metric] - gates.keep_slack, ">=")
+                    _check(
+                        f"{name} {variant} {metric} >= hooked - {gates.keep_slack}",
+                        got[metric],
+                        hooked[metric] - gates.keep_slack,
+                        ">=",
+                    )
                 )
         kl = got.get("kl_vs_hooked_retain")
         if kl is not None:
             checks.append(
-                _check(f"{name} {variant} KL(hooked||{variant}) retain <= {gates.max_kl_retain}", kl,
-                       gates.max_kl_retain, "<=")
+                _check(
+                    f"{name} {variant} KL(hooked||{variant}) retain <= {gates.max_kl_retain}",
+                    kl,
+                    gates.max_kl_retain,
+                    "<=",
+                )
             )
     return checks
 
 
 def _check(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
     passed = value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
-    return {"name": name, "value": round(value, 4), "threshold": round(threshold, 4), "op": op, "passed": passed}
+    return {
+        "name": name,
+        "value": round(value, 4),
+        "threshold": round(threshold, 4),
+        "op": op,
+        "passed": passed,
+    }

@@ -6,8 +6,11 @@ in-memory ``patch.apply(model)``; bad inputs must leave the source untouched and
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +22,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 
+from sauce_export import export as export_module
 from sauce_export.cli import main
 from sauce_export.errors import InputError
-from sauce_export.export import ExportCheckError, check_export, export_checkpoint, write_peft_adapter
-from sauce_export.patch import Patch, WeightDelta
+from sauce_export.export import (
+    ExportCheckError,
+    check_export,
+    export_checkpoint,
+    read_layout,
+    read_safetensors_header,
+    write_peft_adapter,
+)
+from sauce_export.patch import Growth, Patch, WeightDelta
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 INDEX = "model.safetensors.index.json"
@@ -79,21 +90,32 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def sharded_dir(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama in bf16, split by hand into two shards with an index."""
-    state = {k: v.to(torch.bfloat16) for k, v in load_file(llama_dir / "model.safetensors").items()}
+def _shard_bf16(source: Path, out: Path) -> Path:
+    """``source`` with its weights in bf16, split by hand into two shards (sorted keys, halves) with an
+    index; every other file copied as is (config.json still says float32)."""
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(source / "model.safetensors").items()}
     keys = sorted(state)
-    out = tmp_path_factory.mktemp("src") / "sharded"
-    shutil.copytree(llama_dir, out)
+    shutil.copytree(source, out)
     (out / "model.safetensors").unlink()
     weight_map = {}
-    for name, part in zip(SHARDS, (keys[:10], keys[10:]), strict=True):
+    for name, part in zip(SHARDS, (keys[: len(keys) // 2], keys[len(keys) // 2 :]), strict=True):
         save_file({k: state[k] for k in part}, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return out
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama in bf16, split by hand into two shards with an index."""
+    return _shard_bf16(llama_dir, tmp_path_factory.mktemp("src") / "sharded")
+
+
+@pytest.fixture(scope="module")
+def llava_sharded_dir(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA in bf16, split by hand into two shards with an index."""
+    return _shard_bf16(tiny_llava_dir, tmp_path_factory.mktemp("src") / "llava-sharded")
 
 
 def _llama_patch() -> Patch:
@@ -368,3 +390,303 @@ def test_cli_export(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*argv, "--out", str(out)]) == 2  # out exists
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err
+
+
+# --------------------------------------------------------------------------- grown patches (gated fold)
+
+NEW = 5  # neurons appended to every layer's MLP
+LLAMA_INPUTS = {"input_ids": torch.tensor([[1, 5, 9, 33, 70, 2, 95]])}
+
+
+def _llava_inputs(source: Path) -> dict[str, torch.Tensor]:
+    config = json.loads((source / "config.json").read_text())
+    ids = [1, *[config["image_token_index"]] * config["image_seq_length"], 40, 41, 42]
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.tensor([ids]), "pixel_values": torch.rand(1, 3, 48, 48, generator=g)}
+
+
+# case -> (source fixture, loader, in-memory decoder layers, dotted intermediate_size key)
+GROWN_CASES = {
+    "llama": ("llama_dir", AutoModelForCausalLM, "model.layers", "intermediate_size"),
+    "llama-sharded-bf16": ("sharded_dir", AutoModelForCausalLM, "model.layers", "intermediate_size"),
+    "llava": (
+        "tiny_llava_dir",
+        AutoModelForImageTextToText,
+        "model.language_model.layers",
+        "text_config.intermediate_size",
+    ),
+    "llava-sharded-bf16": (
+        "llava_sharded_dir",
+        AutoModelForImageTextToText,
+        "model.language_model.layers",
+        "text_config.intermediate_size",
+    ),
+}
+
+
+def _gated_patch(
+    model: torch.nn.Module, layers: str, size_key: str, site: int = 1, new: int = NEW, seed: int = 11
+) -> Patch:
+    """What ``gated_fold`` makes: ``new`` neurons appended to every layer's gate/up (rows) and down
+    (columns), random at layer ``site`` and zero elsewhere, and the config's intermediate_size raised.
+
+    The random values are bf16-exact, so a bf16 checkpoint stores exactly what ``apply`` adds to the
+    (upcast) float32 model.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def block(rows: int, cols: int, here: bool) -> torch.Tensor:
+        if not here:
+            return torch.zeros(rows, cols)
+        return (torch.randn(rows, cols, generator=g) * 0.5).to(torch.bfloat16).float()
+
+    grows = []
+    for i, layer in enumerate(model.get_submodule(layers)):
+        hidden, prefix = layer.mlp.gate_proj.in_features, f"{layers}.{i}.mlp"
+        grows += [
+            Growth(f"{prefix}.gate_proj", 0, block(new, hidden, i == site)),
+            Growth(f"{prefix}.up_proj", 0, block(new, hidden, i == site)),
+            Growth(f"{prefix}.down_proj", 1, block(hidden, new, i == site)),
+        ]
+    width = model.get_submodule(f"{layers}.0.mlp.gate_proj").out_features
+    return Patch((), {"method": "gated"}, tuple(grows), {size_key: width + NEW})
+
+
+def _mlp_site(name: str) -> tuple[int, str]:
+    """(layer, projection) of an MLP weight, in memory or on disk."""
+    found = re.search(r"layers\.(\d+)\.mlp\.(\w+_proj)(\.weight)?$", name)
+    assert found, name
+    return int(found[1]), found[2]
+
+
+def _dotted(data: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        data = data[part] if isinstance(data, dict) else getattr(data, part)
+    return data
+
+
+def _headers(directory: Path) -> dict[str, dict[str, dict]]:
+    """File -> {tensor: header entry} (in header order) of every safetensors weight file."""
+    return {
+        name: {k: v for k, v in read_safetensors_header(directory / name)[1].items() if k != "__metadata__"}
+        for name in read_layout(directory).files
+    }
+
+
+@pytest.mark.parametrize("case", list(GROWN_CASES))
+def test_grown_round_trip(case: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    fixture, auto, layers, size_key = GROWN_CASES[case]
+    source: Path = request.getfixturevalue(fixture)
+    inputs = _llava_inputs(source) if "llava" in case else LLAMA_INPUTS
+    model = auto.from_pretrained(source)
+    patch = _gated_patch(model, layers, size_key)
+    width = _dotted(model.config, size_key)
+    before_src = _snapshot(source)
+    out = tmp_path / "out"
+    result = export_checkpoint(source, patch, out, metadata={"by": "test"}, progress=False)
+    assert _snapshot(source) == before_src
+    assert {f["name"]: f["sha256"] for f in result["files"]} == _snapshot(out)
+    assert {f["name"]: f["bytes"] for f in result["files"]} == {
+        p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()
+    }
+
+    # Plain Auto classes load it, with the new width, and it computes what apply() computes.
+    exported = auto.from_pretrained(out)
+    assert _dotted(exported.config, size_key) == width + NEW
+    with torch.no_grad():
+        before = _logits(model, inputs)
+        with patch.apply(model):
+            want = _logits(model, inputs)
+        got = _logits(exported, inputs)
+    assert (want - before).abs().max() > 1e-3, "the patch should change the logits"
+    assert (got - want).abs().max() <= 1e-5
+
+    # config.json: only the width changed. Every other non-weight file: byte-identical.
+    src_config, out_config = (json.loads((d / "config.json").read_text()) for d in (source, out))
+    assert _dotted(src_config, size_key) == width and _dotted(out_config, size_key) == width + NEW
+    *parents, key = size_key.split(".")
+    node = src_config
+    for part in parents:
+        node = node[part]
+    node[key] = width + NEW
+    assert out_config == src_config
+    sharded = (source / INDEX).is_file()
+    weight_files = set(read_layout(source).files)
+    src, dst = _snapshot(source), _snapshot(out)
+    assert src.keys() == dst.keys()
+    changed = {n for n in src if src[n] != dst[n]}
+    assert changed - weight_files == {"config.json", *([INDEX] if sharded else [])}
+
+    # Headers: same files, names (in order) and dtypes; shapes equal except the grown ones.
+    by_site = {_mlp_site(g.module): g for g in patch.grows}
+    grown = {key: by_site[_mlp_site(key)] for key in result["touched"]}  # disk key -> growth
+    assert len(grown) == len(patch.grows) == len(by_site)
+    src_headers, out_headers = _headers(source), _headers(out)
+    assert src_headers.keys() == out_headers.keys()
+    want_shapes = {}
+    for name, entries in src_headers.items():
+        assert list(out_headers[name]) == list(entries)
+        for k, info in entries.items():
+            new = out_headers[name][k]
+            assert new["dtype"] == info["dtype"], k
+            if k in grown:
+                rows, cols = info["shape"]
+                want_shapes[k] = (rows + NEW, cols) if grown[k].dim == 0 else (rows, cols + NEW)
+                assert tuple(new["shape"]) == want_shapes[k], k
+            else:
+                assert new["shape"] == info["shape"], k
+    assert len(want_shapes) == len(grown)
+    for name in weight_files:  # the grown tensors hold the source's values plus the new block
+        old, new = load_file(source / name), load_file(out / name)
+        for k, t in old.items():
+            if k in grown:
+                g = grown[k]
+                assert torch.equal(new[k].narrow(g.dim, 0, t.shape[g.dim]), t), k
+                assert torch.equal(new[k].narrow(g.dim, t.shape[g.dim], NEW), g.extra.to(t.dtype)), k
+            else:
+                assert torch.equal(new[k], t), k
+
+    if sharded:
+        src_index, out_index = (json.loads((d / INDEX).read_text()) for d in (source, out))
+        assert out_index["weight_map"] == src_index["weight_map"]
+        total = sum(t.numel() * t.element_size() for n in weight_files for t in load_file(out / n).values())
+        assert out_index["metadata"]["total_size"] == total > src_index["metadata"]["total_size"]
+
+    # check_export: the grown tensors are flagged unless declared as changed.
+    with pytest.raises(ExportCheckError, match=f"{len(grown)} problem") as err:
+        check_export(source, out)
+    assert "mlp.gate_proj.weight" in str(err.value)
+    check_export(source, out, changed=want_shapes)
+    with pytest.raises(ExportCheckError, match="not in the source"):
+        check_export(source, out, changed={**want_shapes, "no.such.weight": (1, 1)})
+
+
+def _bad_grow(kind: str, model: torch.nn.Module) -> Patch:
+    patch = _gated_patch(model, "model.layers", "intermediate_size")
+    grows = list(patch.grows)
+    if kind == "inner width":  # gate rows one column wider than hidden_size
+        g = grows[0]
+        grows[0] = Growth(g.module, 0, torch.ones(NEW, g.extra.shape[1] + 1))
+    elif kind == "layer short":  # layer 0 gets one neuron fewer than config.json says
+        short = _gated_patch(model, "model.layers", "intermediate_size", new=NEW - 1)
+        grows[:3] = short.grows[:3]
+    elif kind == "down not grown":
+        grows = [g for g in grows if not g.module.endswith("down_proj")]
+    elif kind == "bad dim":
+        grows[0] = Growth(grows[0].module, 2, grows[0].extra)
+    elif kind == "nan":
+        extra = grows[0].extra.clone()
+        extra[0, 0] = float("nan")
+        grows[0] = Growth(grows[0].module, 0, extra)
+    updates = {
+        "no config update": {},
+        "config key typo": {"intermediate_sizes": 69},
+        "config not a number": {"intermediate_size": "69"},
+    }.get(kind, patch.config_updates)
+    return Patch((), patch.description, tuple(grows), updates)
+
+
+BAD_GROW = {
+    "inner width": "cannot append",
+    "layer short": r"model.layers.0.mlp.gate_proj: grows to \[68, 32\], but config.json with intermediate_size=69",
+    "down not grown": "down_proj.weight: intermediate_size=69 changes it",
+    "no config update": "no config updates builds",
+    "config key typo": "intermediate_sizes: no such key",
+    "config not a number": "'69' is not an integer",
+    "bad dim": "along dim 2",
+    "nan": "NaN",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_GROW))
+def test_grown_misfit_writes_nothing(kind: str, llama_dir: Path, tmp_path: Path) -> None:
+    patch = _bad_grow(kind, AutoModelForCausalLM.from_pretrained(llama_dir))
+    before, out = _snapshot(llama_dir), tmp_path / "out"
+    with pytest.raises(InputError, match=BAD_GROW[kind]):
+        export_checkpoint(llama_dir, patch, out, progress=False)
+    assert _snapshot(llama_dir) == before
+    assert _leftovers(out) == []
+
+
+def test_peft_refuses_grown_patch(llama_dir: Path, tmp_path: Path) -> None:
+    gated = _gated_patch(AutoModelForCausalLM.from_pretrained(llama_dir), "model.layers", "intermediate_size")
+    mixed = Patch(_llama_patch().deltas, {}, gated.grows[:3], gated.config_updates)
+    for patch in (gated, mixed):
+        with pytest.raises(InputError, match="adds neurons"):
+            write_peft_adapter(patch, str(llama_dir), tmp_path / "adapter")
+        assert _leftovers(tmp_path / "adapter") == []
+
+
+# --------------------------------------------------------------------------- the copy path
+
+
+def _no_copy_file_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+
+
+def _no_kernel_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> int:
+        raise OSError(errno.ENOSYS, "not here")
+
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    monkeypatch.setattr(os, "sendfile", refuse, raising=False)
+
+
+def _copies_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "copy_file_range", lambda *_a, **_k: 0, raising=False)
+
+
+COPY_MODES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "kernel": lambda _mp: None,
+    "no copy_file_range": _no_copy_file_range,
+    "no kernel copy": _no_kernel_copy,
+    "copy_file_range copies nothing": _copies_nothing,
+}
+
+
+@pytest.mark.parametrize("mode", list(COPY_MODES))
+def test_copy_paths_write_and_hash_the_same_bytes(
+    mode: str, sharded_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every copy path (kernel, its fallbacks, many small chunks) writes the same bytes, and the sha256
+    computed from the source on the hash thread is that of the file written."""
+    model = AutoModelForCausalLM.from_pretrained(sharded_dir)
+    patch = _gated_patch(model, "model.layers", "intermediate_size")
+    patch = Patch(_llama_patch().deltas[1:], {}, patch.grows, patch.config_updates)  # + a same-size edit
+    reference = export_checkpoint(sharded_dir, patch, tmp_path / "reference", progress=False)
+    COPY_MODES[mode](monkeypatch)
+    monkeypatch.setattr(export_module, "_COPY_CHUNK", 4096)
+    monkeypatch.setattr(export_module, "_HASH_CHUNK", 1000)
+    monkeypatch.setattr(export_module, "_READ_CHUNK", 3000)
+    out = tmp_path / "out"
+    result = export_checkpoint(sharded_dir, patch, out, progress=False)
+    assert result["files"] == reference["files"]
+    assert (
+        {f["name"]: f["sha256"] for f in result["files"]}
+        == _snapshot(out)
+        == _snapshot(tmp_path / "reference")
+    )
+
+
+def test_truncated_source_is_an_input_error(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(llama_dir, source)
+    notes = source / "extra" / "notes.bin"
+    size = notes.stat().st_size
+    real_stat = Path.stat
+
+    def lying_stat(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(self, *args, **kwargs)
+        if self == notes:
+            return os.stat_result((st.st_mode, *tuple(st)[1:6], size + 100, *tuple(st)[7:]))
+        return st
+
+    monkeypatch.setattr(Path, "stat", lying_stat)
+    with pytest.raises(InputError, match="truncated"):
+        export_checkpoint(source, _llama_patch(), tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path / "out") == []

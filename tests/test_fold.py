@@ -20,8 +20,13 @@ from sauce_export.verify import Variant, fidelity
 def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -73,7 +78,9 @@ def test_ridge_recovers_planted_linear_map() -> None:
 
 def test_patch_rejects_nan_and_missing_module() -> None:
     model = _tiny_llama()
-    bad = Patch((WeightDelta("model.layers.0.mlp.down_proj", torch.full((32, 1), float("nan")), torch.ones(1, 64)),))
+    bad = Patch(
+        (WeightDelta("model.layers.0.mlp.down_proj", torch.full((32, 1), float("nan")), torch.ones(1, 64)),)
+    )
     with pytest.raises(InputError, match="NaN"):
         bad.check(model)
     missing = Patch((WeightDelta("model.layers.9.mlp.down_proj", torch.ones(32, 1), torch.ones(1, 64)),))
@@ -106,7 +113,9 @@ def pca_edit(tiny_world, tiny_llava_dir):
 
 def _closer_than_original(lm, edit, patch, held_out) -> None:
     hooked = Variant("hooked", lm.model, lambda: edit.apply(lm.model))
-    folded = fidelity(lm, hooked, Variant("folded", lm.model, lambda: patch.apply(lm.model)), held_out, edit, 16, False)
+    folded = fidelity(
+        lm, hooked, Variant("folded", lm.model, lambda: patch.apply(lm.model)), held_out, edit, 16, False
+    )
     original = fidelity(lm, hooked, Variant("original", lm.model), held_out, edit, 16, False)
     assert original["cos"] < 0.999  # the edit really changes the site
     assert folded["cos"] > original["cos"]

@@ -23,7 +23,8 @@ def _write_recipe(tmp_path: Path, world: Path, model: Path, **sae: object) -> Pa
         "collect": {"max_rows": 60, "batch_size": 16},
         "sae": {"expansion": 2, "k": 8, "epochs": 2, **sae},
         "select": {"top_n": 3},
-        "eval": {"batch_size": 64},
+        "eval": {"batch_size": 64, "fidelity_rows": 16},
+        "fold": {"calib_rows": 48, "refine_steps": 5},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -50,10 +51,17 @@ def test_run_writes_report_and_resumes(
                 assert value is None or 0.0 <= value <= 1.0
         hooked, exported = concept["metrics"]["hooked"], concept["metrics"]["exported"]
         assert hooked["kl_vs_hooked_retain"] == 0.0 and hooked["top1_agree_vs_hooked"] == 1.0
-        for key in ("kl_vs_hooked_forget", "kl_vs_hooked_retain", "top1_agree_vs_hooked", "cos_site_vs_hooked"):
+        for key in (
+            "kl_vs_hooked_forget",
+            "kl_vs_hooked_retain",
+            "top1_agree_vs_hooked",
+            "cos_site_vs_hooked",
+        ):
             assert exported[key] >= 0.0
         # the exported checkpoint reloaded from disk behaves like the in-memory fold
-        assert exported["kl_vs_hooked_retain"] == pytest.approx(concept["metrics"]["folded"]["kl_vs_hooked_retain"], abs=1e-5)
+        assert exported["kl_vs_hooked_retain"] == pytest.approx(
+            concept["metrics"]["folded"]["kl_vs_hooked_retain"], abs=1e-5
+        )
     assert report["gates"]["passed"] == (code == 0)
     assert all({"name", "value", "threshold", "passed"} <= set(c) for c in report["gates"]["checks"])
     assert "| concept | model |" in (out / "report.md").read_text()

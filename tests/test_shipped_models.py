@@ -50,7 +50,8 @@ def test_training_record_is_shipped() -> None:
 
 
 def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path) -> None:
-    """The whole pipeline on the real model: selection + edit must actually remove the concept."""
+    """The whole pipeline on the real model: selection + edit must actually remove the concept, and
+    the exported checkpoint (reloaded from disk) must do what the hooked edit does."""
     import yaml
 
     from sauce_export.pipeline import run_all
@@ -73,3 +74,7 @@ def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path) -> 
     assert hooked["forget_acc"] <= concept["chance_acc"] + 0.15
     assert hooked["retain_acc"] >= 0.9 * original["retain_acc"]
     assert hooked["interference_acc"] >= 0.9 * original["interference_acc"]
+    exported = concept["metrics"]["exported"]
+    assert exported["forget_acc"] <= hooked["forget_acc"] + 0.1
+    assert exported["retain_acc"] >= hooked["retain_acc"] - 0.03
+    assert exported["kl_vs_hooked_retain"] <= 0.05
