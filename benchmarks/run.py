@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory to reuse")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 
     run = Run(load_recipe(args.recipe), args.run, progress=False)
@@ -58,10 +58,14 @@ def main() -> None:
         @torch.no_grad()
         def generate() -> None:
             model.generate(
-                **prompt, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+                **prompt,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id,
             )
 
-        return {"score": (score, len(rows)), "generate": (generate, prompt["input_ids"].shape[0] * 8)}
+        return {"score": (score, len(rows)), "generate": (generate, prompt["input_ids"].shape[0] * 32)}
 
     results = {}
     for name in ("score", "generate"):
