@@ -168,6 +168,9 @@ def fidelity_report(
     return out
 
 
+_KEPT = ("retain_acc", "interference_acc")
+
+
 def gate_checks(
     concepts: list[dict[str, Any]], gates: VerifyGates, variant: str | None
 ) -> list[dict[str, Any]]:
@@ -176,55 +179,40 @@ def gate_checks(
     for c in concepts:
         m, name = c["metrics"], f"{c['kind']}:{c['name']}"
         orig, hooked = m["original"], m["hooked"]
-        checks.append(
-            _check(
-                f"{name} hooked forget_acc <= chance + {gates.hooked_forget_margin}",
-                hooked["forget_acc"],
-                c["chance_acc"] + gates.hooked_forget_margin,
-                "<=",
-            )
+        margin, keep = gates.hooked_forget_margin, gates.hooked_keep
+        checks += _bounds(
+            f"{name} hooked",
+            hooked,
+            (f"chance + {margin}", c["chance_acc"] + margin),
+            {k: (f"{keep} x original", keep * orig[k]) for k in _KEPT if orig[k] is not None},
         )
-        for metric in ("retain_acc", "interference_acc"):
-            if orig[metric] is not None and hooked[metric] is not None:
-                checks.append(
-                    _check(
-                        f"{name} hooked {metric} >= {gates.hooked_keep} x original",
-                        hooked[metric],
-                        gates.hooked_keep * orig[metric],
-                        ">=",
-                    )
-                )
         if variant is None or variant not in m:
             continue
-        got = m[variant]
-        checks.append(
-            _check(
-                f"{name} {variant} forget_acc <= hooked + {gates.forget_slack}",
-                got["forget_acc"],
-                hooked["forget_acc"] + gates.forget_slack,
-                "<=",
-            )
+        got, slack = m[variant], gates.keep_slack
+        checks += _bounds(
+            f"{name} {variant}",
+            got,
+            (f"hooked + {gates.forget_slack}", hooked["forget_acc"] + gates.forget_slack),
+            {k: (f"hooked - {slack}", hooked[k] - slack) for k in _KEPT if hooked[k] is not None},
         )
-        for metric in ("retain_acc", "interference_acc"):
-            if got[metric] is not None and hooked[metric] is not None:
-                checks.append(
-                    _check(
-                        f"{name} {variant} {metric} >= hooked - {gates.keep_slack}",
-                        got[metric],
-                        hooked[metric] - gates.keep_slack,
-                        ">=",
-                    )
-                )
         kl = got.get("kl_vs_hooked_retain")
         if kl is not None:
-            checks.append(
-                _check(
-                    f"{name} {variant} KL(hooked||{variant}) retain <= {gates.max_kl_retain}",
-                    kl,
-                    gates.max_kl_retain,
-                    "<=",
-                )
-            )
+            rule = f"{name} {variant} KL(hooked||{variant}) retain <= {gates.max_kl_retain}"
+            checks.append(_check(rule, kl, gates.max_kl_retain, "<="))
+    return checks
+
+
+def _bounds(
+    label: str,
+    got: dict[str, Any],
+    forget_max: tuple[str, float],
+    keep_min: dict[str, tuple[str, float]],
+) -> list[dict[str, Any]]:
+    """forget_acc at most one bound; each kept metric at least its own."""
+    checks = [_check(f"{label} forget_acc <= {forget_max[0]}", got["forget_acc"], forget_max[1], "<=")]
+    for metric, (rule, floor) in keep_min.items():
+        if got[metric] is not None:
+            checks.append(_check(f"{label} {metric} >= {rule}", got[metric], floor, ">="))
     return checks
 
 
