@@ -98,7 +98,18 @@ def calibration_rows(rows: Sequence[Row], concepts: Sequence[Concept], n: int, s
     if not pos:
         raise InputError("fold", "concepts", "no calibration rows show any removed concept")
     half = min(n // 2, len(pos), len(neg)) or min(n, len(pos))
-    return rng.sample(pos, half) + rng.sample(neg, min(half, len(neg)))
+    # Each concept gets an equal share of the positives, and within it the rows that ask about the
+    # concept itself come first: the answer the edit must change is where the fit matters most.
+    chosen: dict[str, Row] = {}
+    for concept in concepts:
+        mine = [r for r in pos if concept.matches(r)]
+        asks = [r for r in mine if r.question_kind == concept.kind]
+        others = [r for r in mine if r.question_kind != concept.kind]
+        share = half // len(concepts)
+        picked = rng.sample(asks, min(share // 2, len(asks)))
+        picked += rng.sample(others, min(share - len(picked), len(others)))
+        chosen.update((r.id, r) for r in picked)
+    return list(chosen.values()) + rng.sample(neg, min(len(chosen), len(neg)))
 
 
 def token_mask(batch: Batch, bos_token_id: int | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sauce_export.data import Concept, read_rows
 from sauce_export.edit import Edit
 from sauce_export.errors import InputError
-from sauce_export.fold import FoldConfig, capture, fold, projection_fold, ridge_solve
+from sauce_export.fold import FoldConfig, calibration_rows, capture, fold, projection_fold, ridge_solve
 from sauce_export.lm import batches, load_model
 from sauce_export.patch import Growth, Patch, WeightDelta
 from sauce_export.sae.model import SAE, SaeConfig
@@ -166,3 +166,18 @@ def test_zero_neurons_change_nothing(pca_edit) -> None:
         with patch.apply(lm.model):
             after = lm.model(**batch.inputs).logits
     assert (before - after).abs().max() < 1e-5
+
+
+def test_calibration_rows_balance_concepts_and_rest(tiny_world) -> None:
+    rows = read_rows(tiny_world / "train.jsonl")
+    person = next(r.labels["person"] for r in rows if "person" in r.labels)
+    concepts = [Concept("person", person), Concept("event", "concert")]
+    calib = calibration_rows(rows, concepts, 64, seed=0)
+    pos = [r for r in calib if any(c.matches(r) for c in concepts)]
+    neg = [r for r in calib if not any(c.matches(r) for c in concepts)]
+    assert len(pos) == len(neg) > 0 and len({r.id for r in calib}) == len(calib)
+    for c in concepts:
+        mine = [r for r in pos if c.matches(r)]
+        assert len(mine) >= 16 * 0.75  # each concept gets its share of the 32 positives
+        assert sum(r.question_kind == c.kind for r in mine) >= 8  # questions about the concept itself
+    assert calib == calibration_rows(rows, concepts, 64, seed=0)  # deterministic
