@@ -262,7 +262,9 @@ def tied_embeddings(model: nn.Module) -> bool:
     spec = spec_for(model)
     embed = model.get_submodule(spec.embed).weight
     head = model.get_submodule(spec.lm_head).weight
-    shared = embed.shape == head.shape and embed.data_ptr() == head.data_ptr()
+    # meta tensors (a dry run) all report data_ptr 0: only identity says they share storage there
+    real = embed.device.type != "meta"
+    shared = embed is head or (real and embed.shape == head.shape and embed.data_ptr() == head.data_ptr())
     flagged = bool(getattr(model, "_tied_weights_keys", None)) and (
         getattr(_config_of(model), "tie_word_embeddings", False) is True
     )

@@ -23,10 +23,11 @@ from sauce_export.architectures import (
     site_module_name,
     spec_for,
     text_config,
+    tied_embeddings,
 )
 from sauce_export.data import read_rows
 from sauce_export.errors import InputError
-from sauce_export.fold import writers_for_site
+from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
 from sauce_export.recipe import Recipe
 from sauce_export.sites import parse_site
 
@@ -151,12 +152,8 @@ def _fold_plan(model: nn.Module, recipe: Recipe, feats: int, where: str) -> dict
                 where=where,
             )
         )
-        if cfg.include_embed:
-            embed, head = model.get_submodule(spec.embed), model.get_submodule(spec.lm_head)
-            if embed.weight is head.weight or getattr(
-                text_config(model.config), "tie_word_embeddings", False
-            ):
-                raise InputError(where, "fold.include_embed", "the input embedding is tied to lm_head")
+        if cfg.include_embed and tied_embeddings(model):
+            raise InputError(where, "fold.include_embed", TIED_EMBEDDINGS)
         rank = min(feats, d_model)
     elif cfg.method == "lora" and cfg.modules:
         layer = site_module_name(model, f"layers.{site.layer}", where)

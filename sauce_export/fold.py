@@ -183,16 +183,17 @@ def ridge_solve(xtx: torch.Tensor, xtc: torch.Tensor, ridge: float) -> torch.Ten
     return torch.linalg.solve(xtx.double() + lam * eye.double(), xtc.double()).T.float()
 
 
+TIED_EMBEDDINGS = (
+    "the input embedding is tied to lm_head; projecting it would also edit the output "
+    "vocabulary. Set fold.include_embed: false (or untie the checkpoint first)"
+)
+
+
 def projection_fold(model: nn.Module, edit: Edit, cfg: FoldConfig) -> Patch:
     """``W <- (I - Q Q^T) W`` on the writers of layers first_layer..L (+ embeddings, image projector)."""
     layer = parse_site(edit.site).layer
     if cfg.include_embed and tied_embeddings(model):
-        raise InputError(
-            "fold",
-            "include_embed",
-            "the input embedding is tied to lm_head; projecting it would also edit the output "
-            "vocabulary. Set fold.include_embed: false (or untie the checkpoint first)",
-        )
+        raise InputError("fold", "include_embed", TIED_EMBEDDINGS)
     q, _ = torch.linalg.qr(edit.sae.W_dec[list(edit.features)].detach().float().T)  # [d, k]
     writers = residual_writers(
         model,

@@ -145,6 +145,19 @@ def test_projection_and_gated_plans(tmp_path: Path) -> None:
     assert gated["export"]["bytes"] == 2 * (gated["parameters"] + growth)
 
 
+def test_projection_refuses_tied_embeddings(tmp_path: Path) -> None:
+    """On the meta device (no storage to compare) the tie flag alone must decide, both ways."""
+    config = json.loads((LLAVA / "config.json").read_text())
+    config["text_config"]["tie_word_embeddings"] = True
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    (tied / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(_variant(LLAVA_RECIPE, tmp_path, fold__method="projection"))
+    assert dry_run(recipe, str(LLAVA))["fold"]["writers"][0]["module"].endswith("embed_tokens")
+    with pytest.raises(InputError, match="tied to lm_head"):
+        dry_run(recipe, str(tied))
+
+
 def test_cli_dry_run_json_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     argv = ["run", str(MLLAMA_RECIPE), "--out", str(out), "--dry-run", "--model", str(MLLAMA), "--json"]
