@@ -174,10 +174,31 @@ and the vision projector with `--mmproj` where llama.cpp supports the architectu
 def _clamp_rule(report: dict[str, Any]) -> str:
     edit, select = report["recipe"]["edit"], report["recipe"]["select"]
     union = sorted({f for c in report["concepts"] for f in c["features"]})
+    entries = report["recipe"]["concepts"]
+    picks = [
+        f"{e.get('method') or select['method']} scores, "
+        + (
+            f"top {e.get('top_n') or select['top_n']}"
+            if e.get("top_n") or select["top_n"]
+            else f"percentile {select['percentile']}"
+        )
+        for e in entries
+    ]
+    if len(set(picks)) == 1:
+        picked = f"{picks[0]} per concept"
+    else:
+        picked = "; ".join(f"{e['kind']} {e['name']}: {p}" for e, p in zip(entries, picks, strict=True))
+    clamps = {f"{c['kind']} {c['name']}": c.get("clamp", edit["clamp"]) for c in report["concepts"]}
     if edit.get("multiplier") is not None:
         target = f"`target_i = {edit['multiplier']} * f_i` (a multiplier)"
+    elif len(set(clamps.values())) == 1:
+        target = f"`target_i = c = {next(iter(clamps.values()))}` (a value clamp)"
     else:
-        target = f"`target_i = c = {edit['clamp']}` (a value clamp)"
+        per = ", ".join(f"{name} c = {c}" for name, c in clamps.items())
+        target = (
+            f"`target_i = c` of the concept that selected latent `i` (the most negative where several "
+            f"did): {per} (value clamps)"
+        )
     where = (
         "on the tokens where latent `i` fires (`f_i > 0`), so tokens where no selected latent fires are "
         "unchanged"
@@ -186,7 +207,7 @@ def _clamp_rule(report: dict[str, Any]) -> str:
     )
     return (
         f"One edit removes every concept: the union `S = {union}` ({len(union)} latents) of the features "
-        f"selected per concept ({select['method']} scores, top {select['top_n']} per concept). At "
+        f"selected per concept ({picked}). At "
         f"`{report['site']}` the residual stream gets `sum_(i in S) (target_i - f_i) * W_dec[i]` with "
         f"{target}, {where}. Only the change of the selected latents is decoded, never the full "
         f"reconstruction, so the SAE's reconstruction error is kept. Tokens that may be edited: "
@@ -211,7 +232,8 @@ def card_metadata(report: dict[str, Any], relation: Relation, config: dict[str, 
             "version": __version__,
             "source_model": report["model"],
             "concepts": [
-                {"kind": c["kind"], "name": c["name"], "features": c["features"]} for c in report["concepts"]
+                {"kind": c["kind"], "name": c["name"], "features": c["features"], "clamp": c.get("clamp")}
+                for c in report["concepts"]
             ],
             "site": report["site"],
             "sae": {

@@ -369,9 +369,13 @@ def summary_markdown(result: dict[str, Any]) -> str:
         best = {m: v["best"] for m, v in entry["methods"].items()}
         baselines = {m: p for m, p in best.items() if not m.startswith("SAUCE")}
         top = max(baselines.values(), key=lambda p: p["score"]) if baselines else None
-        winners = [m for m, p in baselines.items() if top and p["score"] == top["score"]]
+        winners = [
+            m.replace(" (", " ").rstrip(")")
+            for m, p in baselines.items()
+            if top and p["score"] == top["score"]
+        ]
         cells = [
-            f"{name}: {', '.join(entry['concepts'])}",
+            name if name.startswith("single ") else f"{name}: {', '.join(entry['concepts'])}",
             _fmt(best["SAUCE (exported)"]["score"]),
             f"{_fmt(top['score'])} ({', '.join(winners)})" if top else "-",
             *(

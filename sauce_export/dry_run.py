@@ -126,7 +126,7 @@ def _features(recipe: Recipe, d_sae: int | None) -> int:
         per = math.ceil(d_sae * (100 - sel.percentile) / 100)
     else:
         per = 1
-    return per * len(recipe.concepts)
+    return sum(per if c.top_n is None else c.top_n for c in recipe.concepts)
 
 
 def _lowrank(module: nn.Module, rank: int) -> int:

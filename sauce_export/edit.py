@@ -33,8 +33,9 @@ class Edit:
     sae: SAE
     features: tuple[int, ...]
     site: str
-    clamp: float = 0.0
-    """Target value c for selected latents (0 removes them, negative pushes against them)."""
+    clamp: float | tuple[float, ...] = 0.0
+    """Target value c for selected latents (0 removes them, negative pushes against them); one value,
+    or one per feature (concepts removed together may need different targets)."""
     multiplier: float | None = None
     """If set, ``f_i -> multiplier * f_i`` (SAeUron's gamma) instead of the value ``clamp``."""
     only_where_active: bool = True
@@ -56,7 +57,15 @@ class Edit:
             raise InputError(
                 where, "features", f"{bad} out of range for an SAE with {self.sae.cfg.d_sae} latents"
             )
-        if self.multiplier is None and self.clamp > 0:
+        if isinstance(self.clamp, list | tuple):
+            object.__setattr__(self, "clamp", tuple(float(c) for c in self.clamp))
+            if len(self.clamp) != len(feats):
+                raise InputError(
+                    where,
+                    "clamp",
+                    f"{len(self.clamp)} values for {len(feats)} features: give one or one each",
+                )
+        if self.multiplier is None and max(self.clamps) > 0:
             raise InputError(
                 where, "clamp", f"must be 0 or negative (a target that removes), got {self.clamp}"
             )
@@ -65,12 +74,22 @@ class Edit:
         if self.scope != "all" and self.image_token_id is None:
             raise InputError(where, "image_token_id", f"scope {self.scope!r} needs the image token id")
 
+    @property
+    def clamps(self) -> tuple[float, ...]:
+        """The clamp target of each selected feature, in ``features`` order."""
+        if isinstance(self.clamp, tuple):
+            return self.clamp
+        return (float(self.clamp),) * len(self.features)
+
     # --- pure tensor functions -------------------------------------------------------------
 
     def _coefficients(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """``target - f_S`` on ``x`` (already in the SAE's dtype/device), zero where not edited."""
         f = self.sae.encode(x)[..., list(self.features)]
-        target = f * self.multiplier if self.multiplier is not None else torch.full_like(f, self.clamp)
+        if self.multiplier is not None:
+            target = f * self.multiplier
+        else:
+            target = torch.tensor(self.clamps, dtype=f.dtype, device=f.device).expand_as(f)
         coeff = target - f
         if self.only_where_active:
             coeff = torch.where(f > 0, coeff, torch.zeros_like(coeff))
@@ -122,7 +141,7 @@ class Edit:
         return {
             "features": list(self.features),
             "site": self.site,
-            "clamp": self.clamp,
+            "clamp": list(self.clamp) if isinstance(self.clamp, tuple) else self.clamp,
             "multiplier": self.multiplier,
             "only_where_active": self.only_where_active,
             "scope": self.scope,
@@ -143,12 +162,12 @@ class Edit:
                 )
         if "features" not in d or "site" not in d:
             raise InputError("edit", "features/site", "both are required")
-        mult = d.get("multiplier")
+        mult, clamp = d.get("multiplier"), d.get("clamp", 0.0)
         return cls(
             sae=sae,
             features=tuple(d["features"]),
             site=str(d["site"]),
-            clamp=float(d.get("clamp", 0.0)),
+            clamp=tuple(float(c) for c in clamp) if isinstance(clamp, list | tuple) else float(clamp),
             multiplier=None if mult is None else float(mult),
             only_where_active=bool(d.get("only_where_active", True)),
             scope=d.get("scope", "all"),

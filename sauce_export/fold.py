@@ -367,7 +367,7 @@ def gated_fold(
     text_cfg = getattr(model.config, "text_config", model.config)
     if getattr(text_cfg, "hidden_act", "silu") != "silu":
         raise InputError("fold", "method", f"gated needs a SiLU MLP, this model uses {text_cfg.hidden_act}")
-    if edit.multiplier is None and edit.clamp != 0:
+    if edit.multiplier is None and any(edit.clamps):
         raise InputError(
             "fold", "method", "gated folds clamp 0 or a multiplier; use lora for a negative clamp"
         )

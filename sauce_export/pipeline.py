@@ -188,15 +188,17 @@ class Run:
     def _select(self) -> dict[str, list[int]]:
         r = self.recipe
         sae = self.sae()
-        key = {"sae": self.sae_info, "select": asdict(r.select), "concepts": [str(c) for c in self.concepts]}
+        plans = {str(e.concept()): e.selection(r.select) for e in r.concepts}
+        key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans}
 
         def body(directory: Path) -> dict[str, Any]:
             store = self.collect()
             rows = self._sample_rows()
             scores, selected = {}, {}
             for concept in self.concepts:
-                score = concept_scores(sae, store, rows, concept, r.select.method, r.select.tokens, r.path)
-                chosen = select_features(score, top_n=r.select.top_n, percentile=r.select.percentile)
+                plan = plans[str(concept)]
+                score = concept_scores(sae, store, rows, concept, plan["method"], r.select.tokens, r.path)
+                chosen = select_features(score, top_n=plan["top_n"], percentile=plan["percentile"])
                 if not chosen:
                     raise InputError(r.path, "select", f"no feature scores above 0 for {concept}")
                 scores[str(concept)], selected[str(concept)] = score, chosen
@@ -205,14 +207,23 @@ class Run:
 
         return self._stage("select", key, body)["selected"]
 
-    def edit(self) -> Edit:
-        """The reference edit: every concept's selected latents, clamped together at the site."""
+    def concept_clamps(self) -> dict[str, float]:
+        """Each concept's clamp target: its own where the recipe sets one, else ``edit.clamp``."""
         r = self.recipe
+        return {str(e.concept()): r.edit.clamp if e.clamp is None else e.clamp for e in r.concepts}
+
+    def edit(self) -> Edit:
+        """The reference edit: every concept's selected latents, clamped together at the site (a
+        latent selected by several concepts gets the most negative of their targets)."""
+        r = self.recipe
+        selected, targets = self.select(), self.concept_clamps()
+        features = union_features(selected.values())
+        clamps = tuple(min(targets[c] for c, feats in selected.items() if f in feats) for f in features)
         return Edit(
             sae=self.sae(),
-            features=tuple(union_features(self.select().values())),
+            features=tuple(features),
             site=str(parse_site(r.site, r.path)),
-            clamp=r.edit.clamp,
+            clamp=clamps if len(set(clamps)) > 1 else clamps[0],
             multiplier=r.edit.multiplier,
             only_where_active=r.edit.only_where_active,
             scope=r.edit.scope,
@@ -222,7 +233,13 @@ class Run:
     def patch(self) -> Patch:
         """The fold of ``edit()`` into weights, saved as ``fold/patch.safetensors``."""
         r = self.recipe
-        key = {"select": self.select(), "edit": asdict(r.edit), "fold": asdict(r.fold), "model": r.model}
+        key = {
+            "select": self.select(),
+            "edit": asdict(r.edit),
+            "clamps": self.concept_clamps(),
+            "fold": asdict(r.fold),
+            "model": r.model,
+        }
 
         def body(directory: Path) -> dict[str, Any]:
             rows = self.train_rows
@@ -259,6 +276,7 @@ class Run:
             "export": exported["files"],
             "eval": asdict(r.eval),
             "data": r.data.eval,
+            "clamps": self.concept_clamps(),
         }
 
         def body(directory: Path) -> dict[str, Any]:
@@ -304,6 +322,7 @@ class Run:
                         "kind": concept.kind,
                         "chance_acc": chance_accuracy(rows, concept.kind),
                         "features": self.select()[str(concept)],
+                        "clamp": self.concept_clamps()[str(concept)],
                         "counts": {m: len(v) for m, v in selection.items()},
                         "metrics": metrics,
                     }

@@ -97,9 +97,28 @@ class ConceptEntry:
         "Label key in the data rows, e.g. person, event, colour.",
     )
     name: str = _f("", "Label value to remove, e.g. a person's name.")
+    method: Literal["saeuron", "contrast", "specific"] | None = _f(
+        None, "This concept's feature score (default: select.method)."
+    )
+    top_n: int | None = _f(None, "This concept's number of features (default: select.top_n / percentile).")
+    clamp: float | None = _f(
+        None,
+        "Target value of this concept's features (default: edit.clamp). A concept whose latents are "
+        "re-derived downstream may need a negative target.",
+    )
 
     def concept(self) -> Concept:
         return Concept(self.kind, self.name)
+
+    def selection(self, default: SelectSection) -> dict[str, Any]:
+        """The selection this concept uses: its own method / top_n where set, else the recipe's."""
+        if self.top_n is not None:
+            return {"method": self.method or default.method, "top_n": self.top_n, "percentile": None}
+        return {
+            "method": self.method or default.method,
+            "top_n": default.top_n,
+            "percentile": default.percentile,
+        }
 
 
 @dataclass
@@ -196,6 +215,10 @@ def load_recipe(path: str | Path) -> Recipe:
     for i, c in enumerate(recipe.concepts):
         if not c.kind or not c.name:
             raise InputError(where, f"concepts[{i}]", "needs both kind and name")
+        if c.top_n is not None and c.top_n < 1:
+            raise InputError(where, f"concepts[{i}].top_n", f"must be at least 1, got {c.top_n}")
+        if c.clamp is not None and c.clamp > 0:
+            raise InputError(where, f"concepts[{i}].clamp", f"must be 0 or negative, got {c.clamp}")
     if (recipe.select.top_n is None) == (recipe.select.percentile is None):
         raise InputError(where, "select.top_n", "set exactly one of select.top_n and select.percentile")
     return recipe

@@ -134,7 +134,7 @@ def test_compare_end_to_end_and_readme_table(
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
     for name, entry in result["settings"].items():
-        (row,) = [line for line in text.splitlines() if line.startswith(f"| {name}:")]
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
         baselines = [v["best"]["score"] for m, v in entry["methods"].items() if not m.startswith("SAUCE")]
         sauce = entry["methods"]["SAUCE (exported)"]["best"]["score"]
         cells = row.split(" | ")
