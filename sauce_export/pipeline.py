@@ -44,6 +44,7 @@ from sauce_export.select import (
     save_scores,
     select_features,
     specific_scores,
+    union_clamps,
     union_features,
 )
 from sauce_export.sites import parse_site
@@ -216,12 +217,11 @@ class Run:
         """The reference edit: every concept's selected latents, clamped together at the site (a
         latent selected by several concepts gets the most negative of their targets)."""
         r = self.recipe
-        selected, targets = self.select(), self.concept_clamps()
-        features = union_features(selected.values())
-        clamps = tuple(min(targets[c] for c, feats in selected.items() if f in feats) for f in features)
+        selected = self.select()
+        clamps = tuple(union_clamps(selected, self.concept_clamps()))
         return Edit(
             sae=self.sae(),
-            features=tuple(features),
+            features=tuple(union_features(selected.values())),
             site=str(parse_site(r.site, r.path)),
             clamp=clamps if len(set(clamps)) > 1 else clamps[0],
             multiplier=r.edit.multiplier,

@@ -151,6 +151,15 @@ def union_features(lists: Iterable[Sequence[int]]) -> list[int]:
     return sorted({int(i) for features in lists for i in features})
 
 
+def union_clamps(selected: Mapping[str, Sequence[int]], targets: Mapping[str, float]) -> list[float]:
+    """The clamp target of each feature of ``union_features(selected.values())``: its concept's, or
+    the most negative of them where several concepts selected it (removing one must not restore another)."""
+    return [
+        min(targets[c] for c, feats in selected.items() if f in feats)
+        for f in union_features(selected.values())
+    ]
+
+
 def _vectors_path(path: Path) -> Path:
     return path.with_suffix(".safetensors")
 

@@ -55,6 +55,12 @@ def _exit2(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -
         ({"site": "decoder.banana"}, ["site", "unknown site"]),
         ({"concepts": [{"kind": "person", "name": "Nobody"}]}, ["concepts", "Nobody"]),
         ({"concepts": []}, ["concepts"]),
+        (
+            {"concepts": [{"kind": "event", "name": "concert", "clamp": 2.5}]},
+            ["concepts[0].clamp", "negative"],
+        ),
+        ({"concepts": [{"kind": "event", "name": "concert", "top_n": 0}]}, ["concepts[0].top_n"]),
+        ({"concepts": [{"kind": "event", "name": "concert", "method": "vibes"}]}, ["concepts[0].method"]),
         ({"select__surprise": 3}, ["select.surprise", "unknown key"]),
         ({"edit__scope": "everything"}, ["edit.scope"]),
         ({"collect__max_rows": "many"}, ["collect.max_rows"]),

@@ -62,8 +62,12 @@ def test_run_writes_card(tiny_run: Path) -> None:
     for c in report["concepts"]:
         assert f"| {c['kind']} | {c['name']} |" in card and str(c["features"]) in card
         assert f"| {c['kind']}:{c['name']} (chance {c['chance_acc']:.3f}) | exported |" in card
+    person, event = report["concepts"]
+    assert (person["clamp"], event["clamp"]) == (0.0, -5.0)  # the event's own target, the recipe's default
+    assert (len(person["features"]), len(event["features"])) == (3, 2)
+    assert f"person {person['name']} c = 0.0, event concert c = -5.0" in card
     union = sorted({f for c in report["concepts"] for f in c["features"]})
-    assert f"S = {union}" in card and "c = 0.0" in card
+    assert f"S = {union}" in card
     assert "Method `lora`" in card and "model.language_model.layers.1.mlp.down_proj" in card
     assert "kl_vs_hooked_retain" in card and "top1_agree_vs_hooked" in card
     assert ("### Gates: all passed" if report["gates"]["passed"] else "### Gates: FAILED") in card

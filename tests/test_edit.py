@@ -106,22 +106,25 @@ def check_untouched_prefix(before: torch.Tensor, after: torch.Tensor, p0: list[i
 
 
 def reference_edit(
-    sae: SAE, h: torch.Tensor, feats: list[int], clamp: float, mult: float | None
+    sae: SAE, h: torch.Tensor, feats: list[int], clamp: float | tuple[float, ...], mult: float | None
 ) -> torch.Tensor:
     """The formula, token by token and feature by feature, in float64."""
     f = sae.encode(h).double()
     out = h.double().clone().reshape(-1, D)
     flat = f.reshape(-1, f.shape[-1])
     for t in range(out.shape[0]):
-        for i in feats:
+        for j, i in enumerate(feats):
             if flat[t, i] > 0:
-                target = mult * flat[t, i] if mult is not None else clamp
+                c = clamp[j] if isinstance(clamp, tuple) else clamp
+                target = mult * flat[t, i] if mult is not None else c
                 out[t] += (target - flat[t, i]) * sae.W_dec[i].double()
     return out.reshape(h.shape)
 
 
-@pytest.mark.parametrize(("clamp", "mult"), [(0.0, None), (-2.0, None), (0.0, -3.0)])
-def test_edit_hidden_matches_formula(clamp: float, mult: float | None) -> None:
+@pytest.mark.parametrize(
+    ("clamp", "mult"), [(0.0, None), (-2.0, None), (0.0, -3.0), ((0.0, -2.0, -5.0), None)]
+)
+def test_edit_hidden_matches_formula(clamp: float | tuple[float, ...], mult: float | None) -> None:
     sae = topk_sae()
     h = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(1))
     feats = (sae.encode(h) > 0).sum((0, 1)).argsort(descending=True)[:3].tolist()  # frequent latents
@@ -303,6 +306,13 @@ def test_dict_round_trip_and_validation() -> None:
         Edit(sae, (256,), SITE)
     with pytest.raises(InputError):
         Edit(sae, (1,), SITE, clamp=1.0)
+    per_feature = Edit(sae, (5, 3), SITE, clamp=[0.0, -4.0])  # type: ignore[arg-type]
+    assert per_feature.clamps == (0.0, -4.0) and Edit.from_dict(per_feature.to_dict(), sae) == per_feature
+    assert Edit(sae, (5, 3), SITE, clamp=-1.0).clamps == (-1.0, -1.0)
+    with pytest.raises(InputError, match="2 values for 3 features"):
+        Edit(sae, (5, 3, 1), SITE, clamp=(0.0, -1.0))
+    with pytest.raises(InputError, match="must be 0 or negative"):
+        Edit(sae, (5, 3), SITE, clamp=(0.0, 2.0))
     with pytest.raises(InputError):
         Edit(sae, (1,), SITE, scope="image")
     with pytest.raises(InputError):

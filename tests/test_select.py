@@ -15,6 +15,7 @@ from sauce_export.select import (
     saeuron_scores,
     save_scores,
     select_features,
+    union_clamps,
     union_features,
 )
 
@@ -117,6 +118,12 @@ def test_exactly_one_rule() -> None:
 
 def test_union_features() -> None:
     assert union_features([[7, 3], [3, 1], []]) == [1, 3, 7]
+
+
+def test_union_clamps_take_the_most_negative_target() -> None:
+    selected = {"a": [7, 3], "b": [3, 1], "c": [9]}
+    assert union_clamps(selected, {"a": -30.0, "b": -60.0, "c": 0.0}) == [-60.0, -60.0, -30.0, 0.0]
+    assert union_clamps(selected, {"a": 0.0, "b": 0.0, "c": 0.0}) == [0.0] * 4
 
 
 def test_save_and_load_scores(tmp_path, stats: ConceptStats) -> None:
