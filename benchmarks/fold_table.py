@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sauce_export.errors import InputError
 from sauce_export.evaluate.metrics import concept_metrics, metric_rows, row_correctness
 from sauce_export.fold import fold
 from sauce_export.pipeline import Run
@@ -72,7 +73,12 @@ def main() -> None:
             overrides = {**overrides, "first_layer": layer}
         cfg = replace(recipe.fold, **overrides)
         start = time.perf_counter()
-        patch = fold(lm, edit, run.train_rows, concepts, cfg, progress=False)
+        try:
+            patch = fold(lm, edit, run.train_rows, concepts, cfg, progress=False)
+        except InputError as err:  # a fold that cannot express this edit (gated: a negative clamp)
+            results.append({"fold": name, "config": overrides, "not_applicable": err.problem})
+            print(f"{name}: not applicable: {err}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         with patch.apply(lm.model):
             folded_ok = row_correctness(lm, scored, recipe.eval.batch_size, progress=False)
@@ -105,6 +111,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + "---|" * 11]
     for r in results:
+        if "not_applicable" in r:
+            lines.append(f"| {r['fold']} | all | not applicable: {r['not_applicable']} |" + " |" * 8)
+            continue
         for concept, m in r["concepts"].items():
             f, h = m["folded"], m["hooked"]
             cells = [
