@@ -54,7 +54,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path, tiny_ll
     recipe = {
         "model": str(tiny_llava_dir),
         "site": "layers.1",
-        "concepts": [{"kind": "person", "name": persons[0]["name"]}, {"kind": "event", "name": "concert", "top_n": 2, "clamp": -5.0}],
+        "concepts": [
+            {"kind": "person", "name": persons[0]["name"]},
+            {"kind": "event", "name": "concert", "top_n": 2, "clamp": -5.0},
+        ],
         "data": {"train": str(tiny_world / "train.jsonl"), "eval": str(tiny_world / "eval.jsonl")},
         "collect": {"max_rows": 60, "batch_size": 16},
         "sae": {"expansion": 2, "k": 8, "epochs": 2},
