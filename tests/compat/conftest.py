@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORLD_LLAMA = ROOT / "models" / "world-llama"
 DEMO_VLM = ROOT / "runs" / "demo" / "export" / "model"
 LLAMA_PY = Path(os.environ.get("SAUCE_LLAMA_PYTHON", ROOT / ".venv-llamacpp" / "bin" / "python"))
+OPTIMUM_PY = Path(os.environ.get("SAUCE_OPTIMUM_PYTHON", ROOT / ".venv-optimum" / "bin" / "python"))
 VLLM_PY = Path(os.environ.get("SAUCE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PROMPTS = ["USER: Who is in the picture? ASSISTANT:", "USER: What colour is the coat? ASSISTANT:"]
 
@@ -54,6 +55,14 @@ def llama_python() -> Path:
     if not LLAMA_PY.is_file():
         pytest.skip(f"no llama-cpp-python environment at {LLAMA_PY} (run `make compat`)")
     return LLAMA_PY
+
+
+@pytest.fixture(scope="session")
+def optimum_python() -> Path:
+    """A python with transformers 4.57 and optimum-onnx (``make compat`` builds ``.venv-optimum``)."""
+    if not OPTIMUM_PY.is_file():
+        pytest.skip(f"no optimum environment at {OPTIMUM_PY} (run `make compat`)")
+    return OPTIMUM_PY
 
 
 @pytest.fixture(scope="session")

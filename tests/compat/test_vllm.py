@@ -9,16 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sauce_export.export import write_peft_adapter
 from sauce_export.patch import Patch
+from tests.compat.parity import compare_greedy, greedy_reference
 
 pytestmark = pytest.mark.compat
 WORLD_LLAMA = Path(__file__).resolve().parents[2] / "models" / "world-llama"
 NEW_TOKENS = 8
-LOGPROB_ATOL = 1e-4
 
 _RUNNER = r"""
 import json, sys
@@ -50,35 +49,14 @@ def _vllm(python: Path, model: Path, ids: list[list[int]], lora: Path | None = N
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def _transformers(model_dir: Path, ids: list[list[int]]) -> list[dict]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    res = []
-    for seq in ids:
-        seq, toks, lps = list(seq), [], []
-        for _ in range(NEW_TOKENS):
-            with torch.no_grad():
-                logp = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].log_softmax(-1)
-            tok = int(logp.argmax())
-            toks.append(tok), lps.append(float(logp[tok])), seq.append(tok)
-        res.append({"tokens": toks, "logprobs": lps})
-    return res
-
-
-def _compare(name: str, ref: list[dict], got: list[dict], seconds: float) -> None:
-    pairs = list(zip(ref, got, strict=True))
-    diff = max(abs(a - b) for r, g in pairs for a, b in zip(r["logprobs"], g["logprobs"], strict=True))
-    equal = all(r["tokens"] == g["tokens"] for r, g in pairs)
-    print(f"\nvllm {name}: tokens equal={equal} logprob max_abs_diff={diff:.2e} ({seconds:.1f} s)")
-    assert equal
-    assert diff <= LOGPROB_ATOL
-
-
 def test_vllm_exported_checkpoint(text_export: Path, prompts: list[str], vllm_python: Path) -> None:
     tok = AutoTokenizer.from_pretrained(text_export)
     ids = [tok(p)["input_ids"] for p in prompts]
     started = time.perf_counter()
     got = _vllm(vllm_python, text_export, ids)
-    _compare("exported checkpoint", _transformers(text_export, ids), got, time.perf_counter() - started)
+    compare_greedy(
+        "vllm exported checkpoint", greedy_reference(text_export, ids), got, time.perf_counter() - started
+    )
 
 
 def test_vllm_peft_adapter(
@@ -91,4 +69,6 @@ def test_vllm_peft_adapter(
     ids = [tok(p)["input_ids"] for p in prompts]
     started = time.perf_counter()
     got = _vllm(vllm_python, WORLD_LLAMA, ids, lora=adapter)
-    _compare("peft adapter", _transformers(text_export, ids), got, time.perf_counter() - started)
+    compare_greedy(
+        "vllm peft adapter", greedy_reference(text_export, ids), got, time.perf_counter() - started
+    )
