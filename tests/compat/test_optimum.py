@@ -7,6 +7,7 @@ runs greedy decoding in ONNX Runtime (``ORTModelForCausalLM``); both match trans
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,10 +15,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from sauce_export.export import export_checkpoint
+from sauce_export.patch import Patch
 from tests.compat.parity import compare_greedy, greedy_reference
 
 pytestmark = pytest.mark.compat
 NEW_TOKENS = 8
+WORLD_LLAMA = Path(__file__).resolve().parents[2] / "models" / "world-llama"
+_RESAVE = (
+    "import sys, torch; from transformers import AutoModelForCausalLM; "
+    "AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).save_pretrained(sys.argv[2])"
+)
 
 _RUNNER = r"""
 import json, sys, torch, transformers
@@ -64,3 +72,27 @@ def test_exported_checkpoint_in_transformers_457_and_optimum(
     assert version.startswith("4.57")
     name = "optimum ORTModelForCausalLM" if runtime == "ort" else f"transformers {version}"
     compare_greedy(name, greedy_reference(text_export, ids, NEW_TOKENS), got, time.perf_counter() - started)
+
+
+def test_source_saved_by_transformers_457_round_trips(
+    text_patch: Patch, prompts: list[str], optimum_python: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written by transformers 4.57 exports here and loads back there unchanged."""
+    source, out = tmp_path / "saved-by-4.57", tmp_path / "export"
+    subprocess.run([str(optimum_python), "-c", _RESAVE, str(WORLD_LLAMA), str(source)], check=True)
+    # 4.57 cannot read a tokenizer_config.json written by transformers 5 ("TokenizersBackend"), so
+    # the tokenizer files travel as they are; the weights and config.json are 4.57's.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(WORLD_LLAMA / name, source / name)
+    export_checkpoint(source, text_patch, out, progress=False)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    started = time.perf_counter()
+    version, got = _run(optimum_python, "transformers", out, ids)
+    assert version.startswith("4.57")
+    compare_greedy(
+        f"4.57-saved source, transformers {version}",
+        greedy_reference(out, ids, NEW_TOKENS),
+        got,
+        time.perf_counter() - started,
+    )
