@@ -21,6 +21,7 @@ from sauce_export.evaluate.metrics import concept_metrics, metric_rows, row_corr
 from sauce_export.pipeline import Run, concept_scores
 from sauce_export.recipe import load_recipe
 from sauce_export.select import select_features, union_clamps, union_features
+from sauce_export.sites import parse_site
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
             edit = Edit(
                 sae=sae,
                 features=tuple(union_features(selected.values())),
-                site=run.edit().site,
+                site=str(parse_site(recipe.site, recipe.path)),
                 clamp=tuple(union_clamps(selected, {**clamps, args.concept: clamp})),
                 image_token_id=lm.image_token_id,
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def main() -> None:
         }
         for name, v in entry["methods"].items()
     ]
-    machine = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPU cores, no GPU"
+    machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU"
     out = {"concept": entry["concepts"][0], "machine": machine, "budget": result["budget"], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "methods.json").write_text(json.dumps(out, indent=1))

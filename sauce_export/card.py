@@ -172,23 +172,19 @@ and the vision projector with `--mmproj` where llama.cpp supports the architectu
 
 
 def _clamp_rule(report: dict[str, Any]) -> str:
-    edit, select = report["recipe"]["edit"], report["recipe"]["select"]
+    edit = report["recipe"]["edit"]
     union = sorted({f for c in report["concepts"] for f in c["features"]})
-    entries = report["recipe"]["concepts"]
+    names = [f"{c['kind']} {c['name']}" for c in report["concepts"]]
     picks = [
-        f"{e.get('method') or select['method']} scores, "
-        + (
-            f"top {e.get('top_n') or select['top_n']}"
-            if e.get("top_n") or select["top_n"]
-            else f"percentile {select['percentile']}"
-        )
-        for e in entries
+        f"{p['method']} scores, "
+        + (f"top {p['top_n']}" if p["top_n"] is not None else f"percentile {p['percentile']}")
+        for p in (c["select"] for c in report["concepts"])
     ]
     if len(set(picks)) == 1:
         picked = f"{picks[0]} per concept"
     else:
-        picked = "; ".join(f"{e['kind']} {e['name']}: {p}" for e, p in zip(entries, picks, strict=True))
-    clamps = {f"{c['kind']} {c['name']}": c.get("clamp", edit["clamp"]) for c in report["concepts"]}
+        picked = "; ".join(f"{name}: {p}" for name, p in zip(names, picks, strict=True))
+    clamps = {name: c["clamp"] for name, c in zip(names, report["concepts"], strict=True)}
     if edit.get("multiplier") is not None:
         target = f"`target_i = {edit['multiplier']} * f_i` (a multiplier)"
     elif len(set(clamps.values())) == 1:

@@ -118,15 +118,16 @@ def _data_profile(recipe: Recipe) -> tuple[int, float, float, str | None]:
 
 
 def _features(recipe: Recipe, d_sae: int | None) -> int:
-    """Upper bound on the selected features: per-concept count times concepts (the union may be smaller)."""
-    sel = recipe.select
-    if sel.top_n is not None:
-        per = sel.top_n
-    elif d_sae is not None and sel.percentile is not None:
-        per = math.ceil(d_sae * (100 - sel.percentile) / 100)
-    else:
-        per = 1
-    return sum(per if c.top_n is None else c.top_n for c in recipe.concepts)
+    """Upper bound on the selected features: the sum of each concept's count (the union may be smaller)."""
+
+    def count(plan: dict[str, Any]) -> int:
+        if plan["top_n"] is not None:
+            return plan["top_n"]
+        if d_sae is not None and plan["percentile"] is not None:
+            return math.ceil(d_sae * (100 - plan["percentile"]) / 100)
+        return 1
+
+    return sum(count(c.selection(recipe.select)) for c in recipe.concepts)
 
 
 def _lowrank(module: nn.Module, rank: int) -> int:

@@ -186,10 +186,14 @@ class Run:
             self._selected = self._select()
         return self._selected
 
+    def selection_plans(self) -> dict[str, dict[str, Any]]:
+        """Each concept's score and feature count: its own where the recipe sets them, else ``select.*``."""
+        return {str(e.concept()): e.selection(self.recipe.select) for e in self.recipe.concepts}
+
     def _select(self) -> dict[str, list[int]]:
         r = self.recipe
         sae = self.sae()
-        plans = {str(e.concept()): e.selection(r.select) for e in r.concepts}
+        plans = self.selection_plans()
         key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans}
 
         def body(directory: Path) -> dict[str, Any]:
@@ -277,6 +281,7 @@ class Run:
             "eval": asdict(r.eval),
             "data": r.data.eval,
             "clamps": self.concept_clamps(),
+            "select": self.selection_plans(),
         }
 
         def body(directory: Path) -> dict[str, Any]:
@@ -322,6 +327,7 @@ class Run:
                         "kind": concept.kind,
                         "chance_acc": chance_accuracy(rows, concept.kind),
                         "features": self.select()[str(concept)],
+                        "select": self.selection_plans()[str(concept)],
                         "clamp": self.concept_clamps()[str(concept)],
                         "counts": {m: len(v) for m, v in selection.items()},
                         "metrics": metrics,

@@ -145,6 +145,13 @@ def test_projection_and_gated_plans(tmp_path: Path) -> None:
     assert gated["export"]["bytes"] == 2 * (gated["parameters"] + growth)
 
 
+def test_per_concept_top_n_sizes_the_patch(llava_plan: dict[str, Any], tmp_path: Path) -> None:
+    concepts = [{"kind": "object", "name": "dog", "top_n": 3}, {"kind": "colour", "name": "red"}]
+    plan = dry_run(load_recipe(_variant(LLAVA_RECIPE, tmp_path, concepts=concepts)), str(LLAVA))
+    assert llava_plan["fold"]["rank"] == 8 + 8  # select.top_n for each concept
+    assert plan["fold"]["rank"] == 3 + 8
+
+
 def test_projection_refuses_tied_embeddings(tmp_path: Path) -> None:
     """On the meta device (no storage to compare) the tie flag alone must decide, both ways."""
     config = json.loads((LLAVA / "config.json").read_text())
