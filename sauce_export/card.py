@@ -22,6 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from sauce_export import __version__
 from sauce_export.errors import InputError
+from sauce_export.hf_config import code_files
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "default.md"
 TAGS = ["sauce-export", "unlearning", "concept-removal", "sae"]
@@ -243,6 +244,18 @@ def card_metadata(report: dict[str, Any], relation: Relation, config: dict[str, 
     )
 
 
+def code_note(folder: Path, relation: Relation) -> str:
+    """A checkpoint that carries Python files says so: loaders with ``trust_remote_code=True`` run them."""
+    found = code_files(folder) if relation == "finetune" else []
+    if not found:
+        return ""
+    return (
+        f"**Python files**: the source folder carried {', '.join(f'`{f}`' for f in found)}; they were "
+        "copied unchanged and never run by sauce-export. transformers runs them only with "
+        "`trust_remote_code=True`: read them before you do."
+    )
+
+
 def render_card(
     report: dict[str, Any],
     folder: Path,
@@ -314,6 +327,7 @@ def render_card(
         else "The weights differ from the base model by a small patch; anyone with the base model can "
         "compute the difference and revert it.",
         recipe_yaml=_recipe_text(report),
+        code_note=code_note(folder, relation),
         files_table=_table(
             ["file", "bytes", "sha256"], [[f"`{f['name']}`", f["bytes"], f"`{f['sha256']}`"] for f in files]
         ),

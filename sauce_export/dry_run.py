@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
 from sauce_export.architectures import (
     ArchSpec,
@@ -28,6 +28,7 @@ from sauce_export.architectures import (
 from sauce_export.data import read_rows
 from sauce_export.errors import InputError
 from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
+from sauce_export.hf_config import read_config
 from sauce_export.recipe import Recipe
 from sauce_export.sites import parse_site
 
@@ -57,12 +58,7 @@ def resolve_config(model: str, where: str) -> tuple[PretrainedConfig, Path]:
             ) from err
     else:
         raise InputError(where, "model", f"{model!r} is neither a local directory nor a Hub id (org/name)")
-    if not (directory / "config.json").is_file():
-        raise InputError(str(directory), "config.json", "missing: not a transformers model directory")
-    try:
-        return AutoConfig.from_pretrained(directory), directory
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(str(directory / "config.json"), "model_type", f"cannot read it ({err})") from err
+    return read_config(directory, where), directory
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:

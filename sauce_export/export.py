@@ -30,11 +30,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from sauce_export.architectures import disk_key_in
 from sauce_export.errors import InputError
 from sauce_export.fsutil import atomic_dir
+from sauce_export.hf_config import read_config
 from sauce_export.patch import Growth, Patch, WeightDelta
 
 Change = tuple[WeightDelta | Growth, str]  # (what, "weight" | "bias" | "grow")
@@ -558,12 +559,7 @@ def _check_paths(source: Path, out: Path, overwrite: bool) -> tuple[Path, Path]:
 
 
 def _load_config(source: Path) -> PretrainedConfig:
-    if not (source / "config.json").is_file():
-        raise InputError(str(source), "config.json", "missing: a model directory needs one")
-    try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(str(source / "config.json"), "config", f"unreadable ({err})") from None
+    return read_config(source, str(source))
 
 
 def export_checkpoint(
@@ -656,10 +652,7 @@ def _meta_model(base_model: str) -> torch.nn.Module:
     """The base model's task class built on the meta device: module types and shapes, no weights."""
     import transformers
 
-    try:
-        config = AutoConfig.from_pretrained(base_model)
-    except (OSError, ValueError) as err:
-        raise InputError(base_model, "config", f"cannot read the base model's config ({err})") from None
+    config = read_config(base_model, base_model)
     archs = [getattr(transformers, a, None) for a in (config.architectures or [])]
     cls = next((a for a in archs if a is not None), transformers.AutoModelForCausalLM)
     with torch.device("meta"):

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -25,6 +24,7 @@ from transformers import logging as hf_logging
 
 from sauce_export.data import Row
 from sauce_export.errors import InputError
+from sauce_export.hf_config import NO_REMOTE_CODE, read_config
 
 
 @dataclass
@@ -55,22 +55,25 @@ class LoadedModel:
 
 
 def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load with stock Auto classes; a missing path or an unreachable Hub id is an InputError."""
+    """Load with stock Auto classes, never the model's own code; a missing path, an unreachable Hub id
+    or a model that needs its own code is an InputError."""
     local = Path(path)
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise InputError(where, "model", f"{path!r} is neither a local directory nor a Hub id (org/name)")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our stages show their own progress
+    config = read_config(path, where)
     try:
-        config = AutoConfig.from_pretrained(path)
         if hasattr(config, "vision_config"):
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(path)
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, config=config, dtype=dtype, **NO_REMOTE_CODE
+            )
+            processor = AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
             tokenizer = processor.tokenizer
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **NO_REMOTE_CODE)
             processor = None
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(where, "model", f"cannot load {path!r} (offline or missing files: {first})") from err
