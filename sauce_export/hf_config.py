@@ -68,4 +68,6 @@ def read_config(model: str | Path, where: str = "model") -> PretrainedConfig:
     except (OSError, ValueError, KeyError) as err:
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
-        raise InputError(where, "config", f"cannot read {str(model)!r}: {first}") from None
+        raise InputError(
+            where, "model", f"cannot load the config of {str(model)!r} (offline or missing files: {first})"
+        ) from None
