@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from sauce_export.errors import InputError
 
 REQUIRED = ("prompt", "answer")
@@ -60,11 +62,16 @@ def read_rows(path: Path | str) -> list[Row]:
     if not path.is_file():
         raise InputError(str(path), "path", "data file does not exist")
     rows = []
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
+    images_ok: set[Path] = set()
+    with open(path, "rb") as fh:
+        for line_no, raw_line in enumerate(fh, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(where, "encoding", f"not UTF-8 (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as err:
@@ -81,8 +88,9 @@ def read_rows(path: Path | str) -> list[Row]:
             image_path = None
             if image is not None:
                 image_path = (path.parent / str(image)).resolve()
-                if not image_path.is_file():
-                    raise InputError(where, "image", f"image file {image_path} does not exist")
+                if image_path not in images_ok:
+                    _check_image(image_path, where)
+                    images_ok.add(image_path)
             rows.append(
                 Row(
                     id=str(raw.get("id", f"{path.name}:{line_no}")),
@@ -97,6 +105,18 @@ def read_rows(path: Path | str) -> list[Row]:
     if not rows:
         raise InputError(str(path), "rows", "data file is empty")
     return rows
+
+
+def _check_image(path: Path, where: str) -> None:
+    """The file exists and its header is one PIL reads (the pixels are decoded later, per batch)."""
+    if not path.is_file():
+        raise InputError(where, "image", f"image file {path} does not exist")
+    try:
+        Image.open(path).close()  # parses the header only
+    except (OSError, Image.DecompressionBombError) as err:
+        raise InputError(
+            where, "image", f"{path} is not an image PIL can read ({type(err).__name__})"
+        ) from None
 
 
 def concept_split(rows: list[Row], concept: Concept, where: str) -> tuple[list[Row], list[Row]]:

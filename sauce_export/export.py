@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from sauce_export.architectures import disk_key_in
-from sauce_export.errors import InputError
+from sauce_export.errors import InputError, unpickling_problem
 from sauce_export.fsutil import atomic_dir
 from sauce_export.hf_config import read_config
 from sauce_export.patch import Growth, Patch, WeightDelta
@@ -99,6 +99,12 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(str(path), "header", f"not a safetensors file ({err})") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise InputError(str(path), "header", "not a safetensors file (malformed tensor entries)") from None
+    if 8 + n + end > size:
+        raise InputError(str(path), "data", f"file is truncated ({size} bytes, its header needs more)")
     return 8 + n, header
 
 
@@ -117,7 +123,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise InputError(str(path), "weights", f"cannot be loaded with weights_only=True ({err})") from None
+        problem = unpickling_problem(err)
+        raise InputError(
+            str(path), "weights", f"cannot be loaded with weights_only=True ({problem})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(str(path), "weights", "is not a state dict of tensors")
     return state

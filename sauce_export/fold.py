@@ -60,33 +60,40 @@ class FoldConfig:
         },
     )
     first_layer: int = field(
-        default=0, metadata={"help": "projection: first layer whose writers are projected."}
+        default=0, metadata={"min": 0, "help": "projection: first layer whose writers are projected."}
     )
     include_embed: bool = field(
         default=True,
         metadata={"help": "projection: also project the token embedding and the image projector."},
     )
     calib_rows: int = field(
-        default=2048, metadata={"help": "Calibration rows (half concept, half the rest)."}
+        default=2048, metadata={"min": 2, "help": "Calibration rows (half concept, half the rest)."}
     )
     ridge: float = field(
-        default=1e-3, metadata={"help": "lora: ridge strength, relative to mean input power."}
+        default=1e-3, metadata={"min": 0, "help": "lora: ridge strength, relative to mean input power."}
     )
     refine_steps: int = field(
         default=300,
-        metadata={"help": "lora/gated: Adam steps minimising KL(hooked || folded) (0: closed form only)."},
+        metadata={
+            "min": 0,
+            "help": "lora/gated: Adam steps minimising KL(hooked || folded) (0: closed form only).",
+        },
     )
     refine_lr: float = field(
-        default=1e-2, metadata={"help": "lora/gated: refinement step size, relative to each tensor's RMS."}
+        default=1e-2,
+        metadata={"above": 0, "help": "lora/gated: refinement step size, relative to each tensor's RMS."},
     )
     pad_multiple: int = field(
         default=32,
         metadata={
+            "min": 1,
             "help": "gated: round the new intermediate_size up to a multiple of this with zero neurons "
-            "(GGUF quantisation blocks need 32)."
+            "(GGUF quantisation blocks need 32).",
         },
     )
-    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass while calibrating."})
+    batch_size: int = field(
+        default=32, metadata={"min": 1, "help": "Rows per forward pass while calibrating."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the calibration sample."})
 
 

@@ -7,6 +7,7 @@ produces the answer and stops", at the cost of one forward pass instead of a gen
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -23,7 +25,7 @@ from transformers import (
 from transformers import logging as hf_logging
 
 from sauce_export.data import Row
-from sauce_export.errors import InputError
+from sauce_export.errors import InputError, first_line, unpickling_problem
 from sauce_export.hf_config import NO_REMOTE_CODE, read_config
 
 
@@ -63,6 +65,8 @@ def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our stages show their own progress
     config = read_config(path, where)
+    if local.is_dir():
+        check_weight_files(local, quantized=getattr(config, "quantization_config", None) is not None)
     try:
         if hasattr(config, "vision_config"):
             model = AutoModelForImageTextToText.from_pretrained(
@@ -74,11 +78,35 @@ def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **NO_REMOTE_CODE)
             processor = None
             tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
+    except pickle.UnpicklingError as err:
+        raise InputError(
+            where,
+            "model",
+            f"pickle weights of {path!r} refused by weights_only loading ({unpickling_problem(err)})",
+        ) from None
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(where, "model", f"cannot load {path!r} (offline or missing files: {first})") from err
+        raise InputError(
+            where, "model", f"cannot load {path!r} (offline or missing files: {first_line(err)})"
+        ) from err
     model.eval()
     return LoadedModel(model, tokenizer, processor, path)
+
+
+def check_weight_files(directory: Path, quantized: bool = False) -> None:
+    """Every ``*.safetensors`` file opens (a complete header and data) and stores its ``.weight``
+    tensors as floating point: transformers would otherwise stop with a traceback, or silently cast
+    an integer weight to float. Only headers are read, so this costs milliseconds."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if key.endswith(".weight") and not quantized and not dtype.startswith(("F", "BF")):
+                        raise InputError(
+                            str(file), key, f"stored as {dtype}: weights must be floating point (refusing to cast it)"
+                        )
+        except SafetensorError as err:
+            raise InputError(str(file), "header", f"not a complete safetensors file ({err})") from None
 
 
 def chat_prompt(lm: LoadedModel, question: str, has_image: bool) -> str:

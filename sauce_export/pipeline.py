@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from sauce_export.fold import fold
 from sauce_export.fsutil import check_writable
 from sauce_export.lm import LoadedModel, load_model
 from sauce_export.patch import Patch
-from sauce_export.recipe import Recipe
-from sauce_export.sae.formats import load_sae, save_sae
+from sauce_export.recipe import Recipe, check_sae_width
+from sauce_export.sae.formats import check_sae, load_sae, save_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import sae_stats, train_sae
 from sauce_export.select import (
@@ -143,7 +144,8 @@ class Run:
         key = {"model": r.model, "data": r.data.train, "collect": asdict(r.collect), "site": cfg.site}
 
         def body(directory: Path) -> dict[str, Any]:
-            store = collect(self.lm, self._sample_rows(), cfg, directory / "acts", progress=self.progress)
+            rows = self._sample_rows()  # bad data fails before the model loads
+            store = collect(self.lm, rows, cfg, directory / "acts", progress=self.progress)
             return {"d_in": store.d_in, "shards": len(store.manifest["shards"])}
 
         self._stage("collect", key, body)
@@ -154,17 +156,33 @@ class Run:
             self._sae = self._train_sae()
         return self._sae
 
+    @contextmanager
+    def _about_sae_path(self) -> Iterator[None]:
+        """Report a problem of the ``sae.path`` SAE as one of the recipe's ``sae.path`` key."""
+        try:
+            yield
+        except InputError as err:
+            hint = " (sae.allow_mismatch: true uses it anyway)" if err.field in ("site", "model") else ""
+            raise InputError(self.recipe.path, "sae.path", f"{err}{hint}") from None
+
     def _train_sae(self) -> SAE:
         r = self.recipe
-        key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
         expected_site = str(parse_site(r.site, r.path))
+        external = None
+        if r.sae.path:  # its site and model are checked before any activation is collected
+            checked = {} if r.sae.allow_mismatch else {"site": expected_site, "model": r.model}
+            with self._about_sae_path():
+                external = load_sae(r.sae.path, **checked)
+        key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
 
         def body(directory: Path) -> dict[str, Any]:
             store = self.collect()
-            if r.sae.path:
-                sae = load_sae(r.sae.path, d_in=store.d_in, site=expected_site, where=r.path)
-                stats = sae_stats(sae, store)
+            if external is not None:
+                with self._about_sae_path():
+                    check_sae(external, d_in=store.d_in, where=str(r.sae.path))
+                sae, stats = external, sae_stats(external, store)
             else:
+                check_sae_width(r, store.d_in)
                 sae, stats = train_sae(store, store.d_in, r.sae.train_config(), progress=self.progress)
                 sae.cfg.site, sae.cfg.model = expected_site, r.model
             save_sae(sae, directory / "sae")

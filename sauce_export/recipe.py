@@ -8,6 +8,7 @@ fields are InputErrors naming the file and the dotted field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from sauce_export.sae.train import TrainConfig
 from sauce_export.verify import VerifyGates
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help}, **kw)
+def _f(default: Any, help: str, **bounds: float) -> Any:
+    """A recipe field with its help and optional bounds (``min``, ``max``, ``above``), checked at load."""
+    return field(default=default, metadata={"help": help, **bounds})
 
 
 @dataclass
@@ -37,10 +39,10 @@ class DataSection:
 
 @dataclass
 class CollectSection:
-    max_rows: int = _f(3000, "Rows of `data.train` (a seeded sample) whose activations train the SAE.")
-    batch_size: int = _f(64, "Rows per forward pass.")
+    max_rows: int = _f(3000, "Rows of `data.train` (a seeded sample) whose activations train the SAE.", min=1)
+    batch_size: int = _f(64, "Rows per forward pass.", min=1)
     scope: Literal["all", "image", "text"] = _f("all", "Tokens whose activations are stored.")
-    shard_tokens: int = _f(65536, "Tokens per safetensors shard (bounds memory).")
+    shard_tokens: int = _f(65536, "Tokens per safetensors shard (bounds memory).", min=1)
     seed: int = _f(0, "Seed of the row sample.")
 
 
@@ -50,6 +52,11 @@ class SaeSection(TrainConfig):
 
     path: str | None = _f(
         None, "Load this SAE (ours, SAELens or sparsify directory) instead of training one."
+    )
+    allow_mismatch: bool = _f(
+        False,
+        "Use the sae.path SAE although the model or site it records differs from the recipe's "
+        "(its width must still match the site).",
     )
 
     def train_config(self) -> TrainConfig:
@@ -63,16 +70,16 @@ class SelectSection:
         "Feature score: saeuron (normalised mean difference vs the rest), contrast (SAUCE-style firing-rate "
         "contrast) or specific (share on the target minus the largest share on any sibling of the same kind).",
     )
-    top_n: int | None = _f(8, "Keep the n best-scoring features per concept.")
+    top_n: int | None = _f(8, "Keep the n best-scoring features per concept.", min=1)
     percentile: float | None = _f(
-        None, "Or keep features scoring at or above this percentile (set top_n: null)."
+        None, "Or keep features scoring at or above this percentile (set top_n: null).", min=0, max=100
     )
     tokens: Literal["prompt", "all"] = _f("prompt", "Score on prompt tokens only (answers excluded) or all.")
 
 
 @dataclass
 class EditSection:
-    clamp: float = _f(0.0, "Target value c of the selected latents (0 or negative).")
+    clamp: float = _f(0.0, "Target value c of the selected latents (0 or negative).", max=0)
     multiplier: float | None = _f(None, "If set, f -> multiplier * f instead of the value clamp.")
     only_where_active: bool = _f(
         True, "Edit a latent only where it fires (keeps other tokens bit-identical)."
@@ -82,11 +89,11 @@ class EditSection:
 
 @dataclass
 class EvalSection:
-    batch_size: int = _f(128, "Rows per forward pass.")
+    batch_size: int = _f(128, "Rows per forward pass.", min=1)
     forget_split: str = _f("heldout_view", "Split whose target-concept questions measure forgetting.")
     generality_split: str = _f("heldout_paraphrase", "Split with held-out paraphrases (generality).")
     fidelity_rows: int = _f(
-        128, "Forget and retain prompts per concept for KL / agreement vs the hooked edit."
+        128, "Forget and retain prompts per concept for KL / agreement vs the hooked edit.", min=1
     )
 
 
@@ -100,11 +107,14 @@ class ConceptEntry:
     method: Literal["saeuron", "contrast", "specific"] | None = _f(
         None, "This concept's feature score (default: select.method)."
     )
-    top_n: int | None = _f(None, "This concept's number of features (default: select.top_n / percentile).")
+    top_n: int | None = _f(
+        None, "This concept's number of features (default: select.top_n / percentile).", min=1
+    )
     clamp: float | None = _f(
         None,
         "Target value of this concept's features (default: edit.clamp). A concept whose latents are "
         "re-derived downstream may need a negative target.",
+        max=0,
     )
 
     def concept(self) -> Concept:
@@ -169,7 +179,11 @@ def _convert(tp: Any, value: Any, where: str, dotted: str) -> Any:
             raise InputError(where, dotted, "must be a list")
         (inner,) = typing.get_args(tp)
         return [_convert(inner, v, where, f"{dotted}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InputError(where, dotted, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(where, dotted, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is bool and not isinstance(value, bool):
         raise InputError(where, dotted, f"must be true or false, got {value!r}")
@@ -187,12 +201,40 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     if unknown:
         dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise InputError(where, dotted, f"unknown key (known: {', '.join(fields)})")
-    kwargs = {
-        name: _convert(hints[name], raw[name], where, f"{prefix}.{name}" if prefix else name)
-        for name in fields
-        if name in raw
-    }
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            dotted = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(hints[name], raw[name], where, dotted)
+            _check_bounds(fields[name].metadata, kwargs[name], where, dotted)
     return cls(**kwargs)
+
+
+def _check_bounds(meta: Any, value: Any, where: str, dotted: str) -> None:
+    """The field's ``min`` / ``max`` / ``above`` bounds (None, the field's "unset", always passes)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if lo is not None and hi is not None:
+        if not lo <= value <= hi:
+            raise InputError(where, dotted, f"must be between {lo} and {hi}, got {value}")
+    elif lo is not None and value < lo:
+        raise InputError(where, dotted, f"must be at least {lo}, got {value}")
+    elif hi is not None and value > hi:
+        bound = "0 or negative" if hi == 0 else f"at most {hi}"
+        raise InputError(where, dotted, f"must be {bound}, got {value}")
+    if above is not None and value <= above:
+        raise InputError(where, dotted, f"must be greater than {above}, got {value}")
+
+
+def check_sae_width(recipe: Recipe, d_in: int) -> None:
+    """``sae.k`` against the number of latents the recipe gives an SAE reading width ``d_in``."""
+    cfg = recipe.sae
+    d_sae = cfg.num_latents(d_in)
+    if not cfg.path and cfg.kind == "topk" and cfg.k > d_sae:
+        raise InputError(
+            recipe.path or "recipe", "sae.k", f"{cfg.k} exceeds the SAE's {d_sae} latents (site width {d_in})"
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -215,12 +257,10 @@ def load_recipe(path: str | Path) -> Recipe:
     for i, c in enumerate(recipe.concepts):
         if not c.kind or not c.name:
             raise InputError(where, f"concepts[{i}]", "needs both kind and name")
-        if c.top_n is not None and c.top_n < 1:
-            raise InputError(where, f"concepts[{i}].top_n", f"must be at least 1, got {c.top_n}")
-        if c.clamp is not None and c.clamp > 0:
-            raise InputError(where, f"concepts[{i}].clamp", f"must be 0 or negative, got {c.clamp}")
     if (recipe.select.top_n is None) == (recipe.select.percentile is None):
         raise InputError(where, "select.top_n", "set exactly one of select.top_n and select.percentile")
+    if recipe.sae.path and not Path(recipe.sae.path).exists():
+        raise InputError(where, "sae.path", f"{recipe.sae.path} does not exist")
     return recipe
 
 
@@ -237,7 +277,9 @@ def recipe_help(cls: type = Recipe, prefix: str = "") -> list[str]:
             lines.extend(recipe_help(tp, f"{name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"{name} (default {default!r}): {f.metadata.get('help', '')}")
+        bounds = ", ".join(f"{k} {f.metadata[k]}" for k in ("min", "above", "max") if k in f.metadata)
+        bounds = f"; {bounds}" if bounds else ""
+        lines.append(f"{name} (default {default!r}{bounds}): {f.metadata.get('help', '')}")
         if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             lines.extend(recipe_help(typing.get_args(tp)[0], f"{name}[]."))
     return lines

@@ -42,17 +42,19 @@ class VerifyGates:
     """Pass/fail thresholds that CI enforces (``verify.gates`` in the recipe)."""
 
     hooked_forget_margin: float = field(
-        default=0.05, metadata={"help": "hooked forget_acc <= chance + this."}
+        default=0.05, metadata={"min": 0, "help": "hooked forget_acc <= chance + this."}
     )
     hooked_keep: float = field(
-        default=0.95, metadata={"help": "hooked retain/interference >= this x original."}
+        default=0.95, metadata={"min": 0, "help": "hooked retain/interference >= this x original."}
     )
-    forget_slack: float = field(default=0.03, metadata={"help": "exported forget_acc <= hooked + this."})
+    forget_slack: float = field(
+        default=0.03, metadata={"min": 0, "help": "exported forget_acc <= hooked + this."}
+    )
     keep_slack: float = field(
-        default=0.01, metadata={"help": "exported retain/interference >= hooked - this."}
+        default=0.01, metadata={"min": 0, "help": "exported retain/interference >= hooked - this."}
     )
     max_kl_retain: float = field(
-        default=0.05, metadata={"help": "mean KL(hooked || exported) on retain prompts, nats."}
+        default=0.05, metadata={"min": 0, "help": "mean KL(hooked || exported) on retain prompts, nats."}
     )
 
 

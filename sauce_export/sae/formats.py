@@ -114,7 +114,7 @@ def load_sae(
     cfg = _read_json(directory / CFG_FILE, where)
     loader = {"sauce": _load_ours, "saelens": _load_saelens, "sparsify": _load_sparsify}[kind]
     sae = loader(directory, cfg, where)
-    _check(sae, d_in=d_in, site=site, model=model, where=where)
+    check_sae(sae, d_in=d_in, site=site, model=model, where=where)
     return sae
 
 
@@ -172,6 +172,9 @@ def _load_ours(directory: Path, cfg: dict[str, Any], where: str) -> SAE:
         if name not in tensors or tuple(tensors[name].shape) != shape:
             got = tuple(tensors[name].shape) if name in tensors else "missing"
             raise InputError(where, name, f"expected a tensor of shape {shape}, got {got}")
+    for name in expected:
+        if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+            raise InputError(where, name, f"contains NaN or inf ({WEIGHTS_FILE})")
     sae.load_state_dict({k: tensors[k] for k in expected}, assign=True)  # keep dtype: bit-exact
     return sae
 
@@ -320,7 +323,11 @@ def _build(cfg: SaeConfig, w: dict[str, torch.Tensor]) -> SAE:
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _check(sae: SAE, *, d_in: int | None, site: str | None, model: str | None, where: str) -> None:
+def check_sae(
+    sae: SAE, *, d_in: int | None = None, site: str | None = None, model: str | None = None, where: str
+) -> None:
+    """``InputError`` unless ``sae`` reads width ``d_in``, was trained at ``site`` and on ``model`` (each
+    checked when given; an SAE that records no site or model gets a warning)."""
     if d_in is not None and sae.cfg.d_in != d_in:
         raise InputError(where, "d_in", f"SAE reads width {sae.cfg.d_in}, but the site has width {d_in}")
     if site is not None:

@@ -35,45 +35,63 @@ class TrainConfig:
         },
     )
     expansion: int = field(
-        default=8, metadata={"help": "Latents per input dimension (d_sae = expansion * d_in)."}
+        default=8, metadata={"min": 1, "help": "Latents per input dimension (d_sae = expansion * d_in)."}
     )
     d_sae: int | None = field(
-        default=None, metadata={"help": "Number of latents; overrides expansion when set."}
+        default=None, metadata={"min": 1, "help": "Number of latents; overrides expansion when set."}
     )
-    k: int = field(default=32, metadata={"help": "Active latents per token (topk only)."})
+    k: int = field(default=32, metadata={"min": 1, "help": "Active latents per token (topk only)."})
     lr: float | None = field(
         default=None,
         metadata={
+            "above": 0,
             "help": "Adam learning rate; default 5e-3 * sqrt(128 / d_in): tuned at d_in=128 on standardised "
-            "activations, scaled like the entries of unit-norm weight vectors."
+            "activations, scaled like the entries of unit-norm weight vectors.",
         },
     )
-    batch_size: int = field(default=2048, metadata={"help": "Tokens per optimiser step."})
-    epochs: float = field(default=6.0, metadata={"help": "Passes over the data (ignored when steps is set)."})
-    steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides epochs when set."})
+    batch_size: int = field(default=2048, metadata={"min": 1, "help": "Tokens per optimiser step."})
+    epochs: float = field(
+        default=6.0, metadata={"above": 0, "help": "Passes over the data (ignored when steps is set)."}
+    )
+    steps: int | None = field(
+        default=None, metadata={"min": 1, "help": "Optimiser steps; overrides epochs when set."}
+    )
     warmup_frac: float = field(
-        default=0.05, metadata={"help": "Fraction of steps with linear lr warm-up from 0."}
+        default=0.05,
+        metadata={"min": 0, "max": 1, "help": "Fraction of steps with linear lr warm-up from 0."},
     )
     decay_frac: float = field(
         default=0.2,
-        metadata={"help": "Final fraction of steps with linear lr decay to 0 (lowers the final FVU)."},
+        metadata={
+            "min": 0,
+            "max": 1,
+            "help": "Final fraction of steps with linear lr decay to 0 (lowers the final FVU).",
+        },
     )
     auxk_alpha: float = field(
         default=1 / 32,
         metadata={
-            "help": "Weight of the AuxK loss: dead latents learn to predict the residual (0 disables)."
+            "min": 0,
+            "help": "Weight of the AuxK loss: dead latents learn to predict the residual (0 disables).",
         },
     )
     dead_after: int = field(
         default=20_000,
-        metadata={"help": "A latent is dead for AuxK once it has not fired in this many training tokens."},
+        metadata={
+            "min": 1,
+            "help": "A latent is dead for AuxK once it has not fired in this many training tokens.",
+        },
     )
     l1_coeff: float = field(
         default=0.1,
-        metadata={"help": "relu only: L1 penalty on latent activations (times decoder norms, which are 1)."},
+        metadata={
+            "min": 0,
+            "help": "relu only: L1 penalty on latent activations (times decoder norms, which are 1).",
+        },
     )
     l0_coeff: float = field(
-        default=1e-2, metadata={"help": "jumprelu only: penalty on the number of active latents per token."}
+        default=1e-2,
+        metadata={"min": 0, "help": "jumprelu only: penalty on the number of active latents per token."},
     )
     seed: int = field(
         default=0, metadata={"help": "Seed for the init and the data order; equal seeds give equal SAEs."}
