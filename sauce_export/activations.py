@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sauce_export.architectures import resolve_site
 from sauce_export.data import Row
+from sauce_export.errors import InputError
 from sauce_export.hooks import register_output_hook
 from sauce_export.lm import LoadedModel, batches
 
@@ -141,6 +142,11 @@ def collect(
                 hidden = captured[-1]
                 ids, attention = batch.inputs["input_ids"], batch.inputs["attention_mask"]
                 keep = _token_mask(lm, ids, attention, cfg.scope)
+                broken = (keep & ~torch.isfinite(hidden).all(-1)).any(1)
+                if broken.any():
+                    row = batch.rows[int(broken.nonzero()[0])]
+                    problem = f"activations contain NaN or inf (row {row.id}): check the model's weights"
+                    raise InputError(lm.path, cfg.site, problem)
                 row_idx = torch.tensor([index_of[id(r)] for r in batch.rows]).unsqueeze(1).expand_as(ids)
                 pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
                 # answer_mask marks positions predicting an answer token; the tokens sit one later.

@@ -103,7 +103,9 @@ def check_weight_files(directory: Path, quantized: bool = False) -> None:
                     dtype = f.get_slice(key).get_dtype()
                     if key.endswith(".weight") and not quantized and not dtype.startswith(("F", "BF")):
                         raise InputError(
-                            str(file), key, f"stored as {dtype}: weights must be floating point (refusing to cast it)"
+                            str(file),
+                            key,
+                            f"stored as {dtype}: weights must be floating point (refusing to cast it)",
                         )
         except SafetensorError as err:
             raise InputError(str(file), "header", f"not a complete safetensors file ({err})") from None

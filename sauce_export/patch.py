@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -187,28 +188,31 @@ class Patch:
 
     @classmethod
     def load(cls, path: Path) -> Patch:
-        from safetensors import safe_open
-
         if not Path(path).is_file():
             raise InputError(str(path), "patch", "no such patch file")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "modules" not in meta:
-            raise InputError(str(path), "modules", "not a sauce-export patch (header metadata missing)")
-        tensors = load_file(str(path))
-        deltas = tuple(
-            WeightDelta(m, tensors[f"{m}.B"], tensors[f"{m}.A"], tensors.get(f"{m}.bias"))
-            for m in json.loads(meta["modules"])
-        )
-        grows = tuple(
-            Growth(m, dim, tensors[f"{m}.extra{dim}"]) for m, dim in json.loads(meta.get("grows", "[]"))
-        )
-        return cls(
-            deltas,
-            json.loads(meta.get("description", "{}")),
-            grows,
-            json.loads(meta.get("config_updates", "{}")),
-        )
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if "modules" not in meta:
+                raise InputError(str(path), "modules", "not a sauce-export patch (header metadata missing)")
+            tensors = load_file(str(path))
+            deltas = tuple(
+                WeightDelta(m, tensors[f"{m}.B"], tensors[f"{m}.A"], tensors.get(f"{m}.bias"))
+                for m in json.loads(meta["modules"])
+            )
+            grows = tuple(
+                Growth(m, dim, tensors[f"{m}.extra{dim}"]) for m, dim in json.loads(meta.get("grows", "[]"))
+            )
+            return cls(
+                deltas,
+                json.loads(meta.get("description", "{}")),
+                grows,
+                json.loads(meta.get("config_updates", "{}")),
+            )
+        except SafetensorError as err:
+            raise InputError(str(path), "patch", f"not a readable safetensors file ({err})") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(str(path), "modules", f"malformed patch header or tensors ({err!r})") from None
 
 
 def _module(model: nn.Module, name: str, where: str) -> nn.Module:
