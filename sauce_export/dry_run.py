@@ -29,7 +29,7 @@ from sauce_export.data import read_rows
 from sauce_export.errors import InputError
 from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
 from sauce_export.hf_config import read_config
-from sauce_export.recipe import Recipe
+from sauce_export.recipe import Recipe, check_sae_width
 from sauce_export.sites import parse_site
 
 DEFAULT_TEXT_TOKENS = 48  # chat template + question + short answer, when data.train is not there yet
@@ -230,6 +230,7 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
         )
 
     sae_cfg = recipe.sae
+    check_sae_width(recipe, d_model)
     if sae_cfg.path:
         sae_dir = Path(sae_cfg.path)
         files = [p for p in sae_dir.rglob("*") if p.is_file()] if sae_dir.is_dir() else []
