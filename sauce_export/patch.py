@@ -196,6 +196,9 @@ class Patch:
             if "modules" not in meta:
                 raise InputError(str(path), "modules", "not a sauce-export patch (header metadata missing)")
             tensors = load_file(str(path))
+            for name, tensor in tensors.items():
+                if not torch.isfinite(tensor).all():
+                    raise InputError(str(path), name, "contains NaN or inf")
             deltas = tuple(
                 WeightDelta(m, tensors[f"{m}.B"], tensors[f"{m}.A"], tensors.get(f"{m}.bias"))
                 for m in json.loads(meta["modules"])

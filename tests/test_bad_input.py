@@ -377,7 +377,7 @@ def _export_case(tmp: Path, model: Path, name: str) -> tuple[list[str], list[str
         nan=name == "nan-patch",
     )
     if name == "nan-patch":
-        return [], [f"{DOWN_PROJ}.B", "NaN"]
+        return [], [str(patch), f"{DOWN_PROJ}.B", "NaN"]
     if name == "unknown-module":
         return [], ["banana"]
     if name == "truncated-source":
