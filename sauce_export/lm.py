@@ -166,12 +166,21 @@ def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
     fulls = [full for _, full in texts]
     n_answer = [answer_length(lm.tokenizer, prompt, full) for prompt, full in texts]
     if has_image:
-        images = [Image.open(r.image).convert("RGB") for r in rows]  # type: ignore[arg-type]
+        images = [_rgb(r.image) for r in rows]  # type: ignore[arg-type]
         enc = lm.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
     else:
         enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt")
     answer_mask, targets = answer_targets(enc["input_ids"], enc["attention_mask"].sum(1).tolist(), n_answer)
     return Batch(dict(enc), answer_mask, targets, rows)
+
+
+def _rgb(path: Path) -> Image.Image:
+    """The image's pixels; a file whose header read fine but whose data is broken is an InputError."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as err:
+        raise InputError(str(path), "image", f"cannot decode the image ({first_line(err)})") from None
 
 
 def batches(lm: LoadedModel, rows: Sequence[Row], batch_size: int) -> Iterator[Batch]:

@@ -204,6 +204,19 @@ def test_bad_data_file_names_line_and_field(
     assert not (out / "collect" / "acts").exists()  # the rows are read before the model loads
 
 
+def test_truncated_image_names_the_image(
+    tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PNG whose header reads but whose pixels are cut off fails when its batch is encoded."""
+    source = next((tiny_world / "images").glob("*.png"))
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Who?", "answer": "X", "image": "cut.png"}) + "\n")
+    recipe = _recipe(tmp_path, tiny_world, tiny_llava_dir, data__train=str(data))
+    _exit2(capsys, ["--quiet", "collect", str(recipe), "--out", str(tmp_path / "o")], str(broken), "image")
+
+
 # ------------------------------------------------------------------------------------ model directory
 
 
