@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -314,27 +315,35 @@ def _sae(
     return save_sae(sae, directory)
 
 
-SAE_CASES: list[tuple[str, Callable[[Path, Path], Path], list[str]]] = [
-    ("other-model", lambda d, _: _sae(d, model="models/world-llava"), ["model", "world-llava", "sae.allow_mismatch"]),
-    ("other-site", lambda d, m: _sae(d, site="layers.3", model=str(m)), ["site", "layers.3", "sae.allow_mismatch"]),
-    ("nan-weight", lambda d, m: _sae(d, model=str(m), nan=True), ["W_dec", "NaN"]),
-    ("not-an-sae", lambda d, _: (d.mkdir(), d)[1], ["format", "not an SAE directory"]),
-    ("garbage-cfg", lambda d, m: (_sae(d, model=str(m)), (d / "cfg.json").write_text("{"), d)[2], ["format"]),
-    ("garbage-weights", lambda d, m: (_sae(d, model=str(m)), (d / "sae.safetensors").write_bytes(b"\x00" * 40), d)[2], ["sae.safetensors"]),
-]  # fmt: skip
+SAE_CASES: list[tuple[str, dict[str, object] | None, dict[str, bytes], list[str]]] = [
+    # (id, the SAE's config, or None for an empty directory; files then overwritten; needles)
+    ("other-model", {"model": "models/world-llava"}, {}, ["model", "world-llava", "sae.allow_mismatch"]),
+    ("other-site", {"site": "layers.3"}, {}, ["site", "layers.3", "sae.allow_mismatch"]),
+    ("nan-weight", {"nan": True}, {}, ["W_dec", "NaN"]),
+    ("not-an-sae", None, {}, ["format", "not an SAE directory"]),
+    ("garbage-cfg", {}, {"cfg.json": b"{"}, ["cfg.json", "unreadable JSON"]),
+    ("garbage-weights", {}, {"sae.safetensors": b"\x00" * 40}, ["sae.safetensors", "unreadable"]),
+]
 
 
-@pytest.mark.parametrize(("name", "make", "needles"), SAE_CASES, ids=[c[0] for c in SAE_CASES])
+@pytest.mark.parametrize(("name", "sae", "files", "needles"), SAE_CASES, ids=[c[0] for c in SAE_CASES])
 def test_bad_sae_directory_in_train_sae(
     tmp_path: Path,
     tiny_world: Path,
     tiny_llava_dir: Path,
     capsys: pytest.CaptureFixture[str],
     name: str,
-    make: Callable[[Path, Path], Path],
+    sae: dict[str, Any] | None,
+    files: dict[str, bytes],
     needles: list[str],
 ) -> None:
-    sae_dir = make(tmp_path / name, tiny_llava_dir)
+    sae_dir = tmp_path / name
+    if sae is None:
+        sae_dir.mkdir()
+    else:
+        _sae(sae_dir, **{"model": str(tiny_llava_dir), **sae})
+    for file, blob in files.items():
+        (sae_dir / file).write_bytes(blob)
     recipe = _recipe(tmp_path, tiny_world, tiny_llava_dir, sae__path=str(sae_dir))
     out = tmp_path / "o"
     _exit2(
@@ -349,7 +358,6 @@ def test_allow_mismatch_uses_a_foreign_sae_but_never_a_wrong_width(
     """sae.allow_mismatch accepts an SAE recorded for world-llava on another model; the width still counts."""
     foreign = _sae(tmp_path / "foreign", model="models/world-llava", site="layers.3")
     recipe = _recipe(tmp_path, tiny_world, tiny_llava_dir, sae__path=str(foreign), sae__allow_mismatch=True)
-    recipe = Path(shutil.copy(recipe, tmp_path / "allow.yaml"))
     capsys.readouterr()
     assert main(["--quiet", "train-sae", str(recipe), "--out", str(tmp_path / "run")]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -105,6 +105,8 @@ def load_sae(
     directory = _sae_directory(Path(path), site, where)
     kind = _detect(directory)
     if kind is None:
+        if (directory / CFG_FILE).is_file():
+            _read_json(directory / CFG_FILE, where)  # an unreadable cfg.json says so
         raise InputError(
             where,
             "format",
