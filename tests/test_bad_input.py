@@ -151,6 +151,14 @@ def test_dry_run_validates_recipe_values(
     _exit2(capsys, ["run", str(recipe), "--out", str(tmp_path / "o"), "--dry-run"], str(recipe), *needles)
 
 
+def test_recipe_help_shows_bounds_and_the_mismatch_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipe-help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "collect.max_rows (default 3000; min 1)" in "\n".join(lines)
+    assert any(ln.startswith("edit.clamp (default 0.0; max 0)") for ln in lines)
+    assert any(ln.startswith("sae.allow_mismatch (default False)") and "model or site" in ln for ln in lines)
+
+
 def test_malformed_yaml_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed\nsite: layers.1\n")
