@@ -1,8 +1,9 @@
 """``run --dry-run``: what a recipe would touch and cost, from the model's ``config.json`` alone.
 
-Nothing is downloaded, loaded or written: the model is built on the meta device (shapes, no
-storage), so a 7B or 11B plan takes about a second, and a wrong site, layer or fold module fails
-here with exit 2 instead of after an hour of activation collection. Sizes are estimates; the
+Nothing is downloaded or written and no model weight is loaded: the model is built on the meta
+device (shapes, no storage), so a 7B or 11B plan takes about a second, and a wrong site, layer,
+fold module or ``sae.path`` SAE (read to check its model, site and width) fails here with exit 2
+instead of after an hour of activation collection. Sizes are estimates; the
 assumptions (tokens per row, union of features) are listed in ``notes``.
 """
 
@@ -29,7 +30,7 @@ from sauce_export.data import read_rows
 from sauce_export.errors import InputError
 from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
 from sauce_export.hf_config import read_config
-from sauce_export.recipe import Recipe, check_sae_width
+from sauce_export.recipe import Recipe, check_sae_width, load_recipe_sae
 from sauce_export.sites import parse_site
 
 DEFAULT_TEXT_TOKENS = 48  # chat template + question + short answer, when data.train is not there yet
@@ -232,10 +233,18 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
     sae_cfg = recipe.sae
     check_sae_width(recipe, d_model)
     if sae_cfg.path:
+        loaded = load_recipe_sae(recipe, d_in=d_model, model=source).cfg
         sae_dir = Path(sae_cfg.path)
         files = [p for p in sae_dir.rglob("*") if p.is_file()] if sae_dir.is_dir() else []
-        sae: dict[str, Any] = {"path": sae_cfg.path, "bytes": sum(p.stat().st_size for p in files)}
-        d_sae = None
+        sae: dict[str, Any] = {
+            "path": sae_cfg.path,
+            "bytes": sum(p.stat().st_size for p in files),
+            "kind": loaded.kind,
+            "d_in": loaded.d_in,
+            "d_sae": loaded.d_sae,
+            "k": loaded.k if loaded.kind == "topk" else None,
+        }
+        d_sae = loaded.d_sae
     else:
         d_sae = sae_cfg.num_latents(d_model)
         sae_params = 2 * d_model * d_sae + 2 * d_sae + d_model  # W_enc, W_dec, b_enc, threshold, b_dec
@@ -332,8 +341,11 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{_size(col['bytes'])} in {col['shards']} shards",
         ),
     ]
-    if "d_sae" in sae:
-        k = f", k {sae['k']}" if sae["k"] else ""
+    k = f", k {sae['k']}" if sae["k"] else ""
+    if "path" in sae:
+        shape = f"{sae['kind']} {sae['d_in']}x{sae['d_sae']}{k}"
+        rows.append(("SAE", f"loaded from {sae['path']} ({shape}, {_size(sae['bytes'])})"))
+    else:
         rows.append(
             (
                 "SAE",
@@ -341,8 +353,6 @@ def format_plan(plan: dict[str, Any]) -> str:
                 f"{_size(sae['bytes'])} (training ~{_size(sae['train_bytes'])})",
             )
         )
-    else:
-        rows.append(("SAE", f"loaded from {sae['path']} ({_size(sae['bytes'])})"))
     mem = plan["memory"]
     rows += [
         ("model memory", f"{_size(mem['model_bytes'])} ({mem['load_dtype']})"),

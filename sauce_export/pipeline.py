@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from sauce_export.fold import fold
 from sauce_export.fsutil import check_writable
 from sauce_export.lm import LoadedModel, load_model
 from sauce_export.patch import Patch
-from sauce_export.recipe import Recipe, check_sae_width
+from sauce_export.recipe import Recipe, about_sae_path, check_sae_width, load_recipe_sae
 from sauce_export.sae.formats import check_sae, load_sae, save_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import sae_stats, train_sae
@@ -156,29 +155,17 @@ class Run:
             self._sae = self._train_sae()
         return self._sae
 
-    @contextmanager
-    def _about_sae_path(self) -> Iterator[None]:
-        """Report a problem of the ``sae.path`` SAE as one of the recipe's ``sae.path`` key."""
-        try:
-            yield
-        except InputError as err:
-            hint = " (sae.allow_mismatch: true uses it anyway)" if err.field in ("site", "model") else ""
-            raise InputError(self.recipe.path, "sae.path", f"{err}{hint}") from None
-
     def _train_sae(self) -> SAE:
         r = self.recipe
         expected_site = str(parse_site(r.site, r.path))
-        external = None
-        if r.sae.path:  # its site and model are checked before any activation is collected
-            checked = {} if r.sae.allow_mismatch else {"site": expected_site, "model": r.model}
-            with self._about_sae_path():
-                external = load_sae(r.sae.path, **checked)
+        # sae.path: its site and model are checked before any activation is collected
+        external = load_recipe_sae(r) if r.sae.path else None
         key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
 
         def body(directory: Path) -> dict[str, Any]:
             store = self.collect()
             if external is not None:
-                with self._about_sae_path():
+                with about_sae_path(r):
                     check_sae(external, d_in=store.d_in, where=str(r.sae.path))
                 sae, stats = external, sae_stats(external, store)
             else:

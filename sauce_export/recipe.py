@@ -11,6 +11,8 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +22,10 @@ import yaml
 from sauce_export.data import Concept
 from sauce_export.errors import InputError
 from sauce_export.fold import FoldConfig
+from sauce_export.sae.formats import load_sae
+from sauce_export.sae.model import SAE
 from sauce_export.sae.train import TrainConfig
+from sauce_export.sites import parse_site
 from sauce_export.verify import VerifyGates
 
 
@@ -235,6 +240,26 @@ def check_sae_width(recipe: Recipe, d_in: int) -> None:
         raise InputError(
             recipe.path or "recipe", "sae.k", f"{cfg.k} exceeds the SAE's {d_sae} latents (site width {d_in})"
         )
+
+
+@contextmanager
+def about_sae_path(recipe: Recipe) -> Iterator[None]:
+    """Report a problem of the ``sae.path`` SAE under the recipe's ``sae.path`` key, the SAE's own
+    file and field kept in the message."""
+    try:
+        yield
+    except InputError as err:
+        hint = " (sae.allow_mismatch: true uses it anyway)" if err.field in ("site", "model") else ""
+        raise InputError(recipe.path or "recipe", "sae.path", f"{err}{hint}") from None
+
+
+def load_recipe_sae(recipe: Recipe, d_in: int | None = None, model: str | None = None) -> SAE:
+    """The ``sae.path`` SAE, checked against the recipe's site and model (or ``model``, as
+    ``run --dry-run --model`` gives) unless ``sae.allow_mismatch``, and against width ``d_in``."""
+    site = str(parse_site(recipe.site, recipe.path))
+    checked = {} if recipe.sae.allow_mismatch else {"site": site, "model": model or recipe.model}
+    with about_sae_path(recipe):
+        return load_sae(str(recipe.sae.path), d_in=d_in, **checked)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -380,6 +380,40 @@ def test_allow_mismatch_uses_a_foreign_sae_but_never_a_wrong_width(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("sae", "needles"),
+    [
+        ({"model": "models/world-llava"}, ["model", "world-llava", "sae.allow_mismatch"]),
+        ({"site": "layers.0"}, ["site", "layers.0"]),
+        ({"d_in": D_MODEL // 2}, ["d_in", f"width {D_MODEL // 2}, but the site has width {D_MODEL}"]),
+    ],
+)
+def test_dry_run_checks_the_sae(
+    tmp_path: Path,
+    tiny_world: Path,
+    tiny_llava_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    sae: dict[str, Any],
+    needles: list[str],
+) -> None:
+    """The dry run reads the sae.path SAE: its model, site and width (which the real run can only
+    check after collecting) fail here."""
+    sae_dir = _sae(tmp_path / "sae", **{"model": str(tiny_llava_dir), **sae})
+    recipe = _recipe(tmp_path, tiny_world, tiny_llava_dir, sae__path=str(sae_dir))
+    argv = ["run", str(recipe), "--out", str(tmp_path / "o"), "--dry-run"]
+    _exit2(capsys, argv, str(recipe), "sae.path", str(sae_dir), *needles)
+    assert not (tmp_path / "o").exists()
+
+    allowed = _recipe(tmp_path, tiny_world, tiny_llava_dir, sae__path=str(sae_dir), sae__allow_mismatch=True)
+    argv[1] = str(allowed)
+    if "d_in" in sae:  # never overridden
+        _exit2(capsys, argv, str(allowed), "sae.path", "d_in")
+    else:
+        assert main([*argv, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert (plan["sae"]["path"], plan["sae"]["d_sae"]) == (str(sae_dir), 2 * D_MODEL)
+
+
 # ------------------------------------------------------------------------------------ export
 
 
