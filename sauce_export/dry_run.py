@@ -3,19 +3,23 @@
 Nothing is downloaded or written and no model weight is loaded: the model is built on the meta
 device (shapes, no storage), so a 7B or 11B plan takes about a second, and a wrong site, layer,
 fold module or ``sae.path`` SAE (read to check its model, site and width) fails here with exit 2
-instead of after an hour of activation collection. Sizes are estimates; the
+instead of after an hour of activation collection. The tokenizer files next to ``config.json`` are
+read for the padding id; ``conventions`` lists what a real checkpoint ships with (pad id, eos ids,
+tied embeddings, rope scaling, sliding window). Sizes are estimates; the
 assumptions (tokens per row, union of features) are listed in ``notes``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
 
 from sauce_export.architectures import (
     ArchSpec,
@@ -29,7 +33,8 @@ from sauce_export.architectures import (
 from sauce_export.data import read_rows
 from sauce_export.errors import InputError
 from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
-from sauce_export.hf_config import read_config
+from sauce_export.hf_config import NO_REMOTE_CODE, read_config
+from sauce_export.lm import padding_of
 from sauce_export.recipe import Recipe, check_sae_width, load_recipe_sae
 from sauce_export.sites import parse_site
 
@@ -98,6 +103,47 @@ def image_tokens(config: PretrainedConfig, spec: ArchSpec) -> tuple[int, int]:
         return 1, tiles * (patches + 1)  # + one class token per tile
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
     return patches + int(full), patches + 1
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _padding(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the padding the run will use, a note when it cannot be told) from the tokenizer files."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None, (
+            "no tokenizer files next to config.json: the run pads with the tokenizer's pad token, "
+            "else eos, else unk, else id 0 (never a new token)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **NO_REMOTE_CODE)
+    except Exception as err:  # a tokenizer may need an optional package (sentencepiece, tiktoken)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return None, f"tokenizer not loadable here ({first}): padding is decided when the run loads it"
+    return asdict(padding_of(tokenizer)), None
+
+
+def conventions(
+    config: PretrainedConfig, model: nn.Module, directory: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """What a real checkpoint ships with that changes how it is run and exported, with notes."""
+    text = text_config(config)
+    padding, note = _padding(directory)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    tied = tied_embeddings(model)
+    notes = [note] if note else []
+    if tied:
+        notes.append(
+            "lm_head is tied to the input embedding (one matrix on disk): lora and gated folds never "
+            "write either, so the export keeps it shared; projection refuses fold.include_embed"
+        )
+    return {
+        "padding": padding,
+        "eos_token_id": getattr(text, "eos_token_id", None),
+        "tied_embeddings": tied,
+        "rope_scaling": rope if rope.get("rope_type", "default") != "default" else None,
+        "sliding_window": getattr(text, "sliding_window", None),
+    }, notes
 
 
 def _data_profile(recipe: Recipe) -> tuple[int, float, float, str | None]:
@@ -262,6 +308,8 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
         f"patch sized for {feats} features (selection per concept x concepts; the union may be fewer)"
     )
     fold = _fold_plan(lm, recipe, feats, where)
+    conv, conv_notes = conventions(config, lm, directory)
+    notes += conv_notes
 
     shards = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     ckpt = sum(p.stat().st_size for p in shards) if shards else n_params * _nbytes(src_dtype)
@@ -273,6 +321,7 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
         "class": type(lm).__name__,
         "parameters": n_params,
         "source_dtype": str(src_dtype).removeprefix("torch."),
+        "conventions": conv,
         "site": {
             "name": str(site),
             "module": site_name,
@@ -313,12 +362,28 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _convention_rows(conv: dict[str, Any]) -> list[tuple[str, str]]:
+    pad = conv["padding"]
+    rope = conv["rope_scaling"]
+    return [
+        (
+            "padding",
+            "unknown (no tokenizer)" if pad is None else f"id {pad['id']} {pad['token']!r} ({pad['source']})",
+        ),
+        ("eos_token_id", str(conv["eos_token_id"])),
+        ("tied embeddings", "yes (lm_head = embed_tokens)" if conv["tied_embeddings"] else "no"),
+        ("rope scaling", "none" if rope is None else json.dumps(rope, sort_keys=True)),
+        ("sliding window", "none" if conv["sliding_window"] is None else str(conv["sliding_window"])),
+    ]
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a two-column table a person reads."""
     site, fold, col, sae = plan["site"], plan["fold"], plan["collect"], plan["sae"]
     rows = [
         ("model", f"{plan['model']} ({plan['class']}, {plan['architecture']})"),
         ("parameters", f"{_count(plan['parameters'])} ({plan['source_dtype']} on disk)"),
+        *_convention_rows(plan["conventions"]),
         ("site", f"{site['name']} of {site['num_layers']} layers, d_model {site['d_model']}"),
         ("site module", site["module"]),
         ("site on disk", site["disk_key"]),

@@ -13,6 +13,12 @@
   a linear patch cannot be - and its down column is the latent's decoder direction. Every other
   layer gets the same number of all-zero neurons, so ``intermediate_size`` stays uniform and the
   checkpoint loads in stock runtimes; zero neurons add exactly nothing. Then KL refinement.
+
+Tied embeddings (Llama-3.2-1B, Qwen2-0.5B: one matrix is both the input embedding and ``lm_head``,
+and only the embedding is on disk): ``projection`` refuses ``include_embed`` (projecting the
+embedding would also edit the output vocabulary); ``lora`` and ``gated`` write only the site
+layer's Linear writers, never the embedding or ``lm_head``, so the export keeps the one shared
+matrix byte-identical and writes no ``lm_head.weight``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,57 @@ class LoadedModel:
         return self.processor is not None
 
     @property
+    def padding(self) -> Padding:
+        return padding_of(self.tokenizer)
+
+    @property
     def image_token_id(self) -> int | None:
         return getattr(
             self.model.config, "image_token_index", getattr(self.model.config, "image_token_id", None)
         )
+
+
+@dataclass(frozen=True)
+class Padding:
+    """The id that fills batches: always an existing token, only ever under a zero attention mask."""
+
+    id: int
+    token: str | None
+    source: str
+    """``pad_token``, ``eos_token``, ``unk_token`` or ``id 0`` (the tokenizer has none of them)."""
+
+
+def padding_of(tokenizer: Any) -> Padding:
+    """The tokenizer's own pad token, else eos, else unk, else id 0.
+
+    Llama-2/3 and Mistral ship without a pad token. Adding one would grow the vocabulary and the
+    embedding matrix of the exported checkpoint, so an existing id is reused instead: padded positions
+    are masked out of attention, the loss, the activations and every metric, so which id sits there
+    never matters.
+    """
+    for source in ("pad_token", "eos_token", "unk_token"):
+        token_id = getattr(tokenizer, f"{source}_id", None)
+        if isinstance(token_id, int):
+            return Padding(token_id, getattr(tokenizer, source), source)
+    return Padding(0, tokenizer.convert_ids_to_tokens(0), "id 0")
+
+
+@contextmanager
+def padding_with(tokenizer: Any) -> Iterator[Padding]:
+    """While encoding, a tokenizer without a pad token pads with ``padding_of``'s existing token.
+
+    Only the in-memory attribute is set, never the vocabulary; it is put back on exit, so the
+    tokenizer (and anything saved from it) stays exactly the checkpoint's.
+    """
+    padding = padding_of(tokenizer)
+    if padding.source == "pad_token":
+        yield padding
+        return
+    tokenizer.pad_token = padding.token
+    try:
+        yield padding
+    finally:
+        tokenizer.pad_token = None
 
 
 def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -112,9 +160,15 @@ def check_weight_files(directory: Path, quantized: bool = False) -> None:
 
 
 def chat_prompt(lm: LoadedModel, question: str, has_image: bool) -> str:
-    """The model's own chat template (so real checkpoints get their real format)."""
-    content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
-    content.append({"type": "text", "text": question})
+    """The model's own chat template (so real checkpoints get their real format).
+
+    A VLM's template reads a list of typed parts; a text model's (Llama-3, Mistral, Qwen2) reads
+    ``content`` as a string, so it gets one.
+    """
+    content: str | list[dict[str, str]] = question
+    if lm.is_vlm:
+        content = [{"type": "image"}] if has_image else []
+        content.append({"type": "text", "text": question})
     messages = [{"role": "user", "content": content}]
     owner = lm.processor if lm.processor is not None else lm.tokenizer
     if getattr(owner, "chat_template", None):
@@ -165,11 +219,15 @@ def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
     texts = [answer_text(lm, r) for r in rows]
     fulls = [full for _, full in texts]
     n_answer = [answer_length(lm.tokenizer, prompt, full) for prompt, full in texts]
-    if has_image:
-        images = [_rgb(r.image) for r in rows]  # type: ignore[arg-type]
-        enc = lm.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
-    else:
-        enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt")
+    # The processor pads with its tokenizer, the same object as lm.tokenizer.
+    with padding_with(lm.tokenizer):
+        if has_image:
+            images = [_rgb(r.image) for r in rows]  # type: ignore[arg-type]
+            enc = lm.processor(
+                text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt"
+            )
+        else:
+            enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt")
     answer_mask, targets = answer_targets(enc["input_ids"], enc["attention_mask"].sum(1).tolist(), n_answer)
     return Batch(dict(enc), answer_mask, targets, rows)
 

@@ -395,6 +395,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "model": recipe.model,
         "site": recipe.site,
+        "padding": asdict(run.lm.padding),
         "sae": run.sae_info,
         "fold": run.fold_info,
         "export": {"path": exported["path"], "files": exported["files"]},

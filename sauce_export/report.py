@@ -95,11 +95,13 @@ def gates_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Both files are written to temp names and renamed, so a reader never sees half a report."""
-    sae = report["sae"]
+    sae, pad = report["sae"], report["padding"]
     md = (
         "\n\n".join(
             [
-                f"# sauce-export report\n\nModel `{report['model']}`, site `{report['site']}`.",
+                f"# sauce-export report\n\nModel `{report['model']}`, site `{report['site']}`. Batches "
+                f"padded with id {pad['id']} (`{pad['token']}`, the tokenizer's {pad['source']}), "
+                "always under a zero attention mask.",
                 f"SAE: {sae['kind']} d_sae={sae['d_sae']} FVU={sae['fvu']:.4f} L0={sae['l0']:.1f} "
                 f"dead={sae['dead_frac']:.3f} ({sae['source']}).",
                 "## Accuracy (exact greedy answers; forget: lower is better)",

@@ -41,8 +41,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A Llama-2 style byte-fallback BPE trained on the world's own text.
+def llama2_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A Llama-2 style byte-fallback BPE (``<unk>``, ``<s>``, ``</s>`` at ids 0-2, no pad token).
 
     Trained with a Metaspace pre-tokenizer so no merge crosses a word boundary, then saved with
     Llama-2's normalizer and no pre-tokenizer: the two tokenise identically, and the saved form
@@ -67,7 +67,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     spec = json.loads(tok.to_str())
     # Byte tokens are ordinary vocabulary in Llama-2, not added tokens matched in raw text.
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
-    tok = Tokenizer.from_str(json.dumps(spec))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """The demo models' tokenizer: ``llama2_bpe`` on the world's text plus ``<image>`` and ``<pad>``."""
+    tok = llama2_bpe(texts, vocab_size)
     tok.add_special_tokens([IMAGE_TOKEN, "<pad>"])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
