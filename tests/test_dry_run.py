@@ -98,6 +98,9 @@ def test_llava_plan(llava_plan: dict[str, Any]) -> None:
     assert plan["sae"]["d_sae"] == 8 * 4096 and plan["sae"]["bytes"] == 4 * plan["sae"]["params"]
     assert plan["memory"]["model_bytes"] == 4 * plan["parameters"]  # float32, as the pipeline loads
     assert plan["export"]["bytes"] == 2 * plan["parameters"] and not plan["export"]["measured"]  # fp16
+    conv = plan["conventions"]  # the fixture is config.json alone: no tokenizer to tell the padding
+    assert conv["padding"] is None and any("no tokenizer files" in n for n in plan["notes"])
+    assert (conv["tied_embeddings"], conv["rope_scaling"], conv["eos_token_id"]) == (False, None, 2)
     rank = plan["fold"]["rank"]
     assert rank == 16 and plan["fold"]["patch_params"] == rank * (4096 + 4096) + rank * (4096 + 11008)
 
