@@ -62,7 +62,7 @@ def main() -> None:
                 max_new_tokens=32,
                 min_new_tokens=32,
                 do_sample=False,
-                pad_token_id=lm.tokenizer.pad_token_id,
+                pad_token_id=lm.padding.id,
             )
 
         return {"score": (score, len(rows)), "generate": (generate, prompt["input_ids"].shape[0] * 32)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -478,7 +479,9 @@ def _hashes(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_shipped_checkpoint_runs_end_to_end(name: str, shipped: Callable[[str], Path], shipped_run) -> None:  # type: ignore[no-untyped-def]
+def test_shipped_checkpoint_runs_end_to_end(
+    name: str, shipped: Callable[[str], Path], shipped_run: Callable[[str], Path]
+) -> None:
     source, out = shipped(name), shipped_run(name)
     report = json.loads((out / "report.json").read_text())
     token, where = PADDING[name]
@@ -498,9 +501,9 @@ def test_shipped_checkpoint_runs_end_to_end(name: str, shipped: Callable[[str], 
     weights = {n for n in src if n.endswith(".safetensors")}
     assert src.keys() == dst.keys() - {"README.md"}  # the card is the one file an export adds
     assert {n: src[n] for n in src.keys() - weights} == {n: dst[n] for n in src.keys() - weights}
-    assert 1 <= sum(src[n] != dst[n] for n in weights) <= len(weights)
-
     layout_src, layout_dst = read_layout(source), read_layout(exported)
+    patched = {"model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    assert {n for n in weights if src[n] != dst[n]} == {layout_src.tensors[k].file for k in patched}
     assert layout_dst.tensors == layout_src.tensors  # names, shapes, dtypes and files: nothing added
     assert {t.dtype for t in layout_dst.tensors.values()} == {"BF16"}
     assert ("lm_head.weight" in layout_dst.tensors) == (name not in TIED)
@@ -508,7 +511,9 @@ def test_shipped_checkpoint_runs_end_to_end(name: str, shipped: Callable[[str], 
     assert vocab_rows == json.loads((source / "config.json").read_text())["vocab_size"] >= len(tokenizer)
 
 
-def test_tied_lora_export_equals_patched_model(shipped: Callable[[str], Path], shipped_run) -> None:  # type: ignore[no-untyped-def]
+def test_tied_lora_export_equals_patched_model(
+    shipped: Callable[[str], Path], shipped_run: Callable[[str], Path]
+) -> None:
     """The exported tied checkpoint, reloaded, is the in-memory patched model, bit for bit (both bf16:
     the export adds the delta in float32 and rounds once, as ``Patch.apply`` does)."""
     source, out = shipped("llama-3.2-1b"), shipped_run("llama-3.2-1b")
@@ -554,6 +559,33 @@ def test_padding_with_eos_is_masked(shipped: Callable[[str], Path], text_world: 
             n = alone.shape[0]
             assert int(mask[i].sum()) == n
             assert (together[i, :n] - alone).abs().max() < 1e-4
+
+
+def test_vlm_processor_pads_without_a_pad_token(
+    tiny_llava_dir: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    """The processor path: the tiny LLaVA with its tokenizer's pad token undeclared (``<pad>`` stays
+    in the vocabulary, as ``<|finetune_right_pad_id|>`` does in Llama-3) pads with eos."""
+    source = tmp_path / "llava-no-pad"
+    shutil.copytree(tiny_llava_dir, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    _write_json(source / "tokenizer_config.json", config)
+    lm = load_model(str(source))
+    assert lm.is_vlm and lm.tokenizer.pad_token is None
+    assert lm.padding.source == "eos_token"
+    rows = [r for r in read_rows(tiny_world / "eval.jsonl") if r.image is not None]
+    rows = sorted(rows, key=lambda r: len(r.prompt + r.answer))[::8][:3]  # different lengths
+    batch = encode_batch(lm, rows)
+    mask = batch.inputs["attention_mask"].bool()
+    assert not mask.all()
+    assert (batch.inputs["input_ids"][~mask] == lm.tokenizer.eos_token_id).all()
+    assert lm.tokenizer.pad_token is None
+    with torch.no_grad():
+        together = lm.model(**batch.inputs).logits
+        for i, row in enumerate(rows):
+            alone = lm.model(**encode_batch(lm, [row]).inputs).logits[0]
+            assert (together[i, : alone.shape[0]] - alone).abs().max() < 1e-4
 
 
 def test_padding_fallbacks() -> None:
