@@ -97,11 +97,11 @@ def padding_with(tokenizer: Any) -> Iterator[Padding]:
     if padding.source == "pad_token":
         yield padding
         return
-    tokenizer.pad_token = padding.token
+    previous, tokenizer.pad_token = tokenizer.pad_token, padding.token
     try:
         yield padding
     finally:
-        tokenizer.pad_token = None
+        tokenizer.pad_token = previous
 
 
 def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
