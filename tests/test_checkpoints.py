@@ -4,8 +4,8 @@ sliding windows, byte-level BPE, shards - each through ``run`` end to end.
 The fixtures are built here with tiny random weights (the tests are about the pipeline and the
 files, not about forgetting), but their ``config.json``, ``generation_config.json``,
 ``tokenizer_config.json`` and ``special_tokens_map.json`` copy the fields and special-token
-conventions of the public files of (written from those files' published contents, numbers shrunk;
-the Llama-3 chat template is abridged, the others are the published ones):
+conventions of these public checkpoints (reconstructed from their published files, not fetched
+here; sizes shrunk; the Llama-3 chat template abridged, the Mistral and Qwen2 ones as published):
 
 - ``llama-3.2-1b``: meta-llama/Llama-3.2-1B-Instruct - byte-level BPE with its specials appended
   after the vocabulary, no pad token (``<|finetune_right_pad_id|>`` exists but is not declared),
