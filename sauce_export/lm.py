@@ -219,15 +219,18 @@ def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
     texts = [answer_text(lm, r) for r in rows]
     fulls = [full for _, full in texts]
     n_answer = [answer_length(lm.tokenizer, prompt, full) for prompt, full in texts]
+    # A chat template that writes BOS itself (Llama-3, Mistral) must not get a second from the tokenizer.
+    bos = lm.tokenizer.bos_token
+    once = {"add_special_tokens": False} if bos and fulls[0].startswith(bos) else {}
     # The processor pads with its tokenizer, the same object as lm.tokenizer.
     with padding_with(lm.tokenizer):
         if has_image:
             images = [_rgb(r.image) for r in rows]  # type: ignore[arg-type]
             enc = lm.processor(
-                text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt"
+                text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt", **once
             )
         else:
-            enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt")
+            enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt", **once)
     answer_mask, targets = answer_targets(enc["input_ids"], enc["attention_mask"].sum(1).tolist(), n_answer)
     return Batch(dict(enc), answer_mask, targets, rows)
 

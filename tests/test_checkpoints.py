@@ -561,6 +561,18 @@ def test_padding_with_eos_is_masked(shipped: Callable[[str], Path], text_world: 
             assert (together[i, :n] - alone).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "mistral-7b"])
+def test_one_bos_when_the_template_writes_it(
+    name: str, shipped: Callable[[str], Path], text_world: Path
+) -> None:
+    """Llama-3's and Mistral's chat templates start with BOS; the tokenizer must not add a second."""
+    lm = load_model(str(shipped(name)))
+    batch = encode_batch(lm, read_rows(text_world / "eval.jsonl")[:3])
+    ids = batch.inputs["input_ids"]
+    assert (ids[:, 0] == lm.tokenizer.bos_token_id).all()
+    assert ((ids == lm.tokenizer.bos_token_id).sum(1) == 1).all()
+
+
 def test_vlm_processor_pads_without_a_pad_token(
     tiny_llava_dir: Path, tiny_world: Path, tmp_path: Path
 ) -> None:
