@@ -9,6 +9,7 @@ were checked against transformers 5.23 by printing ``named_modules()`` and by re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,19 @@ class ArchSpec:
     mlp: str = "mlp"
     cross_attn: str | None = None
     disk_prefixes: tuple[tuple[str, str], ...] = ()
+    text_model: str = "model"
+    """The language model (embeddings, decoder layers, final norm): with ``lm_head``, what full
+    fine-tuning trains. A VLM's vision tower and projector lie outside it and stay frozen."""
+    adapted: tuple[str, ...] = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+    """Per-layer projections (relative to a decoder layer) that LoRA adapters go on."""
 
 
 _LLAMA = ArchSpec(
@@ -63,6 +77,7 @@ _VLM_TEXT = replace(
     layers="model.language_model.layers",
     embed="model.language_model.embed_tokens",
     final_norm="model.language_model.norm",
+    text_model="model.language_model",
     disk_prefixes=(
         ("lm_head", "language_model.lm_head"),
         ("lm_head", "lm_head"),
@@ -102,6 +117,7 @@ REGISTRY: dict[str, ArchSpec] = {
         writers=("self_attn.o_proj", "cross_attn.o_proj", "mlp.down_proj"),
         readers=(*_LLAMA.readers, "cross_attn.q_proj"),
         cross_attn="cross_attn",
+        adapted=(*_LLAMA.adapted, *(f"cross_attn.{p}_proj" for p in "qkvo")),
         disk_prefixes=(
             *_VLM_TEXT.disk_prefixes,
             ("model.vision_model", "vision_model"),
@@ -224,6 +240,23 @@ def residual_writers(
         for name in spec.extra_writers:
             found[name] = model.get_submodule(name)
     return found
+
+
+def text_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The language model's and its head's parameters, each once (a tied head is the embedding)."""
+    spec = spec_for(model)
+    found = {
+        id(p): p for path in (spec.text_model, spec.lm_head) for p in model.get_submodule(path).parameters()
+    }
+    return list(found.values())
+
+
+def lora_targets(model: nn.Module) -> str:
+    """PEFT ``target_modules`` (a regex PEFT full-matches against module names): every adapted
+    projection of every decoder layer, and nothing in a vision tower or projector."""
+    spec = spec_for(model)
+    names = "|".join(re.escape(name) for name in spec.adapted)
+    return rf"{re.escape(spec.layers)}\.\d+\.({names})"
 
 
 def _disk_candidates(spec: ArchSpec, module_name: str) -> list[str]:

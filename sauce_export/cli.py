@@ -169,6 +169,12 @@ def _add_compare(sub: Any) -> None:
     cmp.add_argument("--seed", type=int, default=0, help="data order and LoRA init seed (default 0)")
     cmp.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
     cmp.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates")
+    cmp.add_argument(
+        "--utility",
+        type=Path,
+        help="JSONL rows of general questions for the utility column (default: the world's facts.jsonl "
+        "beside data.train; without either, utility is not measured)",
+    )
     table = sub.add_parser(
         "compare-readme",
         help="write the summary table of a compare.json into README.md between its compare markers",
@@ -217,6 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         lrs_full=lrs[0],
         lrs_lora=lrs[1],
+        utility=args.utility,
         log=log,
     )
     print(args.out / "compare.md")

@@ -2,8 +2,9 @@
 
 PEBench's settings (each concept alone, all at once, one person with one event) and columns
 (forget/efficacy, generality, retain, interference/scope, utility on the world's text fact
-questions), plus wall time and peak memory. Every baseline gets the same small learning-rate sweep
-and is reported at its best point by one summary score, so no method wins by a lucky setting:
+questions or a given file), plus wall time and peak memory. Every baseline gets the same small
+learning-rate sweep and is reported at its best point by one summary score, so no method wins by a
+lucky setting:
 
     score = harmonic mean of clip(1 - forget/orig_forget), clip(retain/orig_retain),
             clip(interference/orig_interference), each clipped to [0, 1]
@@ -153,23 +154,64 @@ class EvalSet:
         return result
 
 
-def eval_set(
-    lm: LoadedModel,
-    eval_rows: Sequence[Row],
-    facts: Sequence[Row],
-    concepts: Sequence[Concept],
-    recipe: Recipe,
-) -> EvalSet:
-    selections = {
-        str(c): metric_rows(
-            eval_rows, c, recipe.eval.forget_split, recipe.eval.generality_split, removed=concepts
-        )
-        for c in concepts
-    }
-    wanted = {r.id: r for sel in selections.values() for chosen in sel.values() for r in chosen}
+def utility_rows(recipe: Recipe, path: Path | None) -> tuple[list[Row], str]:
+    """(rows, what they are) for the utility column: every row of ``path`` when given, else the world's
+    text fact questions (``facts.jsonl`` beside ``data.train``, split ``facts``), else none - a text
+    model's own data has no questions outside its concepts' reach, so utility is then not measured."""
+    if path is not None:
+        return read_rows(path), f"every row of {path}"
+    facts_path = Path(recipe.data.train).parent / "facts.jsonl"
+    if not facts_path.is_file():
+        return [], f"not measured (no {facts_path} and no --utility file)"
+    facts = [r for r in read_rows(facts_path) if r.split == "facts"]
+    if not facts:
+        raise InputError(str(facts_path), "split", "no rows with split 'facts' (the utility questions)")
+    return facts, f"the world's text fact questions ({facts_path}, split facts)"
+
+
+@dataclasses.dataclass
+class SettingRows:
+    """The rows one setting trains on (``forget``, ``retain``) and is scored on (``selections``)."""
+
+    concepts: list[Concept]
+    selections: dict[str, dict[str, list[Row]]]
+    forget: list[Row]
+    retain: list[Row]
+
+
+def setting_rows(
+    train_rows: Sequence[Row], eval_rows: Sequence[Row], concepts: Sequence[Concept], recipe: Recipe
+) -> SettingRows:
+    """A setting's rows, each side checked: an empty one is an InputError naming the data file. A
+    score needs forget and retain questions (forgetting alone is won by destroying the model), and
+    the baselines need train rows of both kinds."""
+    split = recipe.eval.forget_split
+    selections = {}
+    for c in concepts:
+        sel = metric_rows(eval_rows, c, split, recipe.eval.generality_split, removed=concepts)
+        if not sel["forget_acc"]:
+            problem = f"no {split} questions about {c} (nothing to forget)"
+            raise InputError(recipe.data.eval, "labels", problem)
+        if not sel["retain_acc"]:
+            problem = f"no {split} questions about a {c.kind} other than {c.name!r} (nothing to retain)"
+            raise InputError(recipe.data.eval, "labels", problem)
+        selections[str(c)] = sel
+    forget, retain = forget_retain_rows(train_rows, concepts)
+    names = ", ".join(map(str, concepts))
+    if not forget:
+        problem = f"no split 'train' question about {names} (question_kind = kind, labels[kind] = name)"
+        raise InputError(recipe.data.train, "labels", f"{problem}: the baselines have nothing to forget")
+    if not retain:
+        problem = f"no split 'train' rows besides the questions about {names}"
+        raise InputError(recipe.data.train, "split", f"{problem}: the baselines have nothing to retain")
+    return SettingRows(list(concepts), selections, forget, retain)
+
+
+def eval_set(lm: LoadedModel, rows: SettingRows, facts: Sequence[Row], batch_size: int) -> EvalSet:
+    wanted = {r.id: r for sel in rows.selections.values() for chosen in sel.values() for r in chosen}
     wanted.update({r.id: r for r in facts})
-    encoded = list(batches(lm, list(wanted.values()), recipe.eval.batch_size))
-    return EvalSet(selections, list(facts), encoded)
+    encoded = list(batches(lm, list(wanted.values()), batch_size))
+    return EvalSet(rows.selections, list(facts), encoded)
 
 
 # ---------------------------------------------------------------------------- SAUCE
@@ -226,19 +268,27 @@ def compare(
     seed: int = 0,
     lrs_full: Sequence[float] = LRS_FULL,
     lrs_lora: Sequence[float] = LRS_LORA,
+    utility: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """Score SAUCE's checkpoint and every baseline on each setting; writes OUT/compare.{json,md,png}.
+    ``utility``: a JSONL file of general questions for the utility column (default: see utility_rows)."""
     if not (run_dir / "report.json").is_file():
         raise InputError(str(run_dir), "--run", "no report.json here: run `sauce-export run` first")
+    train_rows, eval_rows = read_rows(recipe.data.train), read_rows(recipe.data.eval)
+    facts, utility_note = utility_rows(recipe, utility)
+    concepts = [c.concept() for c in recipe.concepts]
+    plans = {  # every setting's rows are checked before anything is loaded or trained
+        name: setting_rows(train_rows, eval_rows, chosen, recipe)
+        for name, chosen in settings(concepts).items()
+        if name.split()[0] in only
+    }
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(recipe.model, where=recipe.path)
-    train_rows, eval_rows = read_rows(recipe.data.train), read_rows(recipe.data.eval)
-    facts_path = Path(recipe.data.train).parent / "facts.jsonl"
-    facts = [r for r in read_rows(facts_path) if r.split == "facts"] if facts_path.is_file() else []
-    concepts = [c.concept() for c in recipe.concepts]
     result: dict[str, Any] = {
         "recipe": recipe.path,
         "run": str(run_dir),
+        "utility": utility_note,
         "memory": MEMORY_NOTE,
         "budget": {
             "steps": steps,
@@ -251,14 +301,12 @@ def compare(
         },
         "settings": {},
     }
-    for name, chosen in settings(concepts).items():
-        if name.split()[0] not in only:
-            continue
+    for name, rows in plans.items():
+        chosen = rows.concepts
         log(f"[{name}] encoding")
-        evals = eval_set(lm, eval_rows, facts, chosen, recipe)
+        evals = eval_set(lm, rows, facts, recipe.eval.batch_size)
         original = evals.score(lm.model, None)
-        forget, retain = forget_retain_rows(train_rows, chosen)
-        data = encode_train_data(lm, forget, retain, steps, batch_size, seed)
+        data = encode_train_data(lm, rows.forget, rows.retain, steps, batch_size, seed)
         entry: dict[str, Any] = {"concepts": [str(c) for c in chosen], "original": original, "methods": {}}
         sauce = sauce_checkpoint(recipe, chosen, run_dir, out)
         scored = evals.score(load_model(sauce["path"], where="export").model, original["concepts"])
@@ -310,8 +358,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# SAUCE vs weight-update unlearning baselines",
         "",
         f"Recipe `{result['recipe']}`, SAUCE run `{result['run']}`. Accuracies are exact greedy answers "
-        "on held-out views (forget, retain, interference) and paraphrases (generality), means over the "
-        "setting's concepts; utility = the world's text fact questions. Score = harmonic mean of "
+        "on the eval data's forget split (forget, retain, interference) and generality split "
+        f"(paraphrases), means over the setting's concepts; utility: {result['utility']}. Score = harmonic mean of "
         "(1 - forget/orig), retain/orig, interference/orig, each clipped to [0, 1]. Baselines: best of "
         f"the learning-rate sweep by score; budget {json.dumps(result['budget'])}. Memory: {result['memory']}.",
         "",

@@ -3,6 +3,7 @@ on-disk keys match what transformers' own ``save_pretrained`` writes."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,16 +18,20 @@ from sauce_export.architectures import (
     decoder_layers,
     disk_key,
     disk_key_in,
+    lora_targets,
     num_layers,
     residual_writers,
     resolve_site,
     site_module_name,
     spec_for,
     text_config,
+    text_parameters,
     tied_embeddings,
 )
 from sauce_export.errors import InputError
+from sauce_export.evaluate.baselines import BaselineConfig, TrainData, unlearn
 from sauce_export.hooks import register_output_hook
+from sauce_export.lm import Batch, answer_targets
 from sauce_export.sites import Site
 
 TEXT = {
@@ -251,9 +256,44 @@ def test_tied_embeddings() -> None:
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     assert tied_embeddings(tied)
     assert not tied_embeddings(BUILDERS["llama"]())
+    assert len(text_parameters(tied)) == len(list(tied.parameters()))  # the shared weight once
 
 
 def test_untied_models(arch: tuple[str, nn.Module, set[str]]) -> None:
     _, model, keys = arch
     assert not tied_embeddings(model)
     assert disk_key_in(keys, model, "lm_head") + ".weight" in keys
+
+
+def test_baselines_train_only_the_registry_text_model(arch: tuple[str, nn.Module, set[str]]) -> None:
+    """Full fine-tuning trains the language model and its head; LoRA adapts exactly the registry's
+    projections of the decoder layers. A VLM's vision tower and projector never change."""
+    name, model, _ = arch
+    spec = spec_for(model)
+    targets = {n for n, _ in model.named_modules() if re.fullmatch(lora_targets(model), n)}
+    layer_ids = range(num_layers(model))
+    assert targets == {
+        f"{spec.layers}.{i}.{p}"
+        for i in layer_ids
+        for p in spec.adapted
+        if isinstance(getattr(decoder_layers(model)[i], p.split(".")[0], None), nn.Module)
+    }
+    assert len(targets) == 7 * num_layers(model)  # mllama's layer 2 has cross_attn q/k/v/o for self_attn's
+    if name == "mllama":
+        assert f"{spec.layers}.2.cross_attn.k_proj" in targets
+    ids = _ids()
+    mask, tgt = answer_targets(ids, [7, 7], [2, 3])
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, mask, tgt, [])
+    data = TrainData([batch], [batch], [batch])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text = {n for n, p in model.named_parameters() if any(p is q for q in text_parameters(model))}
+    assert {"lm_head.weight", f"{spec.layers}.0.mlp.down_proj.weight"} <= text
+    assert not any("vision" in n or "projector" in n for n in text)
+    for lora, allowed in ((False, text), (True, {t + ".weight" for t in targets})):
+        trained, _ = unlearn(model, data, BaselineConfig("PO", lora=lora, steps=1, lr=1e-2))
+        assert type(trained) is type(model)  # LoRA merged back: a plain model again
+        after = dict(trained.named_parameters())
+        assert set(after) == set(before)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert f"{spec.layers}.0.self_attn.q_proj.weight" in changed and changed <= allowed, changed
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the input is untouched

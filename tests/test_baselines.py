@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sauce_export.cli import main
-from sauce_export.compare import README_BEGIN, README_END, summary_score
-from sauce_export.data import Concept, read_rows
+from sauce_export.compare import README_BEGIN, README_END, summary_score, utility_rows
+from sauce_export.data import Concept, read_rows, write_jsonl
 from sauce_export.evaluate.baselines import (
     BaselineConfig,
     TrainData,
@@ -22,6 +24,8 @@ from sauce_export.evaluate.baselines import (
     unlearn,
 )
 from sauce_export.lm import LoadedModel, load_model
+from sauce_export.recipe import load_recipe
+from sauce_export.world.generate import World, WorldConfig
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,136 @@ def test_compare_end_to_end_and_readme_table(
     assert main(["compare-readme", str(out / "compare.json"), "--readme", str(readme)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(readme) in err and "compare markers" in err
+
+
+# ---------------------------------------------------------------------------- text-only models
+WORLD_LLAMA = Path(__file__).resolve().parents[1] / "models" / "world-llama"
+
+
+def _text_data(out: Path) -> tuple[Path, Path, str]:
+    """(train, eval, a person) from the world ``models/world-llama`` was trained on: its text fact
+    questions, each relabelled as a question about its person, so a person concept covers them all."""
+    world = World.make(WorldConfig(seed=0))
+    rows = [{**r, "question_kind": "person"} for r in world.fact_rows()]
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", [r for r in rows if r["split"] == "train"])
+    write_jsonl(out / "eval.jsonl", [r for r in rows if r["split"] != "train"])
+    return out / "train.jsonl", out / "eval.jsonl", world.persons[0].name
+
+
+def _text_recipe(path: Path, train: Path, eval_: Path, person: str) -> Path:
+    recipe = {
+        "model": str(WORLD_LLAMA),
+        "site": "layers.1",
+        "concepts": [{"kind": "person", "name": person}],
+        "data": {"train": str(train), "eval": str(eval_)},
+        "collect": {"max_rows": 96, "batch_size": 48},
+        "sae": {"expansion": 2, "k": 8, "epochs": 1},
+        "select": {"top_n": 2},
+        "eval": {
+            "batch_size": 160,
+            "fidelity_rows": 8,
+            "forget_split": "facts",
+            "generality_split": "facts_paraphrase",
+        },
+        "fold": {"calib_rows": 16, "refine_steps": 2},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(recipe, finished run) on the shipped text-only LlamaForCausalLM, removing one person."""
+    tmp = tmp_path_factory.mktemp("text-run")
+    train, eval_, person = _text_data(tmp / "data")
+    recipe = _text_recipe(tmp / "recipe.yaml", train, eval_, person)
+    assert main(["--quiet", "run", str(recipe), "--out", str(tmp / "run")]) in (0, 1)  # 1: a gate failed
+    return recipe, tmp / "run", person
+
+
+def test_compare_on_the_shipped_text_model(
+    text_run: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Retain rows without images, the registry's trainable modules and LoRA targets: every method
+    trains on a plain causal LM and is scored; without world facts, utility is noted as not measured."""
+    recipe, run, person = text_run
+    out = tmp_path / "cmp"
+    argv = ["--quiet", "compare", str(recipe), "--run", str(run), "--out", str(out), "--settings", "single"]
+    argv += ["--methods", "GD,PO", "--steps", "4", "--batch-size", "8", "--lrs-full", "3e-3"]
+    assert main([*argv, "--lrs-lora", "1e-2"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    (entry,) = result["settings"].values()
+    assert entry["concepts"] == [f"person:{person}"]
+    original = entry["original"]["concepts"][f"person:{person}"]
+    # the shipped model knows the trained facts: all of the person's and nearly all of the others'
+    assert original["forget_acc"] == 1.0 and original["retain_acc"] >= 0.95
+    methods = {"SAUCE (exported)", "GD (full)", "GD (LoRA)", "PO (full)", "PO (LoRA)"}
+    assert set(entry["methods"]) == methods
+    forgets = []
+    for method in entry["methods"].values():
+        best = method["best"]
+        metrics = best["concepts"][f"person:{person}"]
+        assert (
+            best["score"] == pytest.approx(summary_score(metrics, original)) and 0.0 <= best["score"] <= 1.0
+        )
+        assert best["utility_acc"] is None and best["seconds"] > 0
+        forgets.append(metrics["forget_acc"])
+    assert min(forgets) <= 0.5  # the baselines do unlearn on a text model, not only run
+    md = (out / "compare.md").read_text()
+    assert result["utility"].startswith("not measured") and f"utility: {result['utility']}" in md
+    for name in methods:
+        (line,) = [x for x in md.splitlines() if x.startswith(f"| {name} |")]
+        assert f"| {entry['methods'][name]['best']['score']:.3f} |" in line
+    capsys.readouterr()
+
+
+def test_utility_rows_from_a_file_or_the_world_facts(tiny_world: Path, tmp_path: Path) -> None:
+    train, eval_, person = _text_data(tmp_path / "data")
+    recipe = load_recipe(_text_recipe(tmp_path / "recipe.yaml", train, eval_, person))
+    assert utility_rows(recipe, None) == (
+        [],
+        f"not measured (no {train.parent / 'facts.jsonl'} and no --utility file)",
+    )
+    rows, note = utility_rows(recipe, eval_)
+    assert rows == read_rows(eval_) and note == f"every row of {eval_}"
+    world = dataclasses.replace(
+        recipe, data=dataclasses.replace(recipe.data, train=str(tiny_world / "train.jsonl"))
+    )
+    rows, note = utility_rows(world, None)
+    assert rows and {r.split for r in rows} == {"facts"} and str(tiny_world / "facts.jsonl") in note
+
+
+def test_compare_names_the_missing_piece_of_a_text_setup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No forget, retain or utility rows: one line naming the file and the field, exit 2, before any
+    model is loaded (the run directory only needs its report.json)."""
+    train, eval_, person = _text_data(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    mine = [r for r in rows if r["labels"]["person"] == person]
+    others = [r for r in rows if r["labels"]["person"] != person]
+    facts_dir = tmp_path / "world-like"
+    facts_dir.mkdir()
+    write_jsonl(facts_dir / "train.jsonl", rows)
+    write_jsonl(facts_dir / "facts.jsonl", [{**r, "split": "paraphrase"} for r in rows])
+    cases = [
+        (tmp_path / "mine.jsonl", mine, eval_, "split", "nothing to retain"),
+        (tmp_path / "others.jsonl", others, eval_, "labels", "nothing to forget"),
+        (tmp_path / "ok.jsonl", rows, tmp_path / "mine.jsonl", "labels", "nothing to retain"),
+        (facts_dir / "train.jsonl", rows, eval_, "split", "utility"),
+    ]
+    for data, data_rows, data_eval, field, needle in cases:
+        write_jsonl(data, data_rows)
+        if data_eval == tmp_path / "mine.jsonl":  # an eval file with only the person's questions
+            write_jsonl(data_eval, [{**r, "split": "facts"} for r in mine])
+        recipe = _text_recipe(tmp_path / "recipe.yaml", data, data_eval, person)
+        argv = ["--quiet", "compare", str(recipe), "--run", str(run), "--out", str(tmp_path / "o")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        where = facts_dir / "facts.jsonl" if needle == "utility" else data_eval if "ok" in data.name else data
+        assert len(err.splitlines()) == 1 and f"{where}: {field}: " in err and needle in err, err
+    assert not (tmp_path / "o").exists()  # nothing was written: the checks come first

@@ -3,9 +3,10 @@
 Each method is one short loop over pre-encoded batches: losses are taken on the teacher-forced
 answer tokens only (``Batch.answer_mask``), so the prompt and the image are context, never targets.
 Every method sees the same forget / retain batches in the same order for a given seed, so a sweep
-compares methods, not data orders. Full fine-tuning trains the language model and its head (vision
-tower and projector frozen); the LoRA variant puts rank-``r`` adapters on the language model's
-attention and MLP projections and merges them back, so the result is again a plain model.
+compares methods, not data orders. Full fine-tuning trains the language model and its head (a VLM's
+vision tower and projector frozen); the LoRA variant puts rank-``r`` adapters on the language model's
+attention and MLP projections and merges them back, so the result is again a plain model. Which
+modules those are comes from the architecture registry, so text-only causal LMs and VLMs train alike.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from sauce_export.architectures import lora_targets, text_parameters
 from sauce_export.data import Concept, Row
 from sauce_export.lm import Batch, LoadedModel, encode_batch
 
 Method = Literal["GA", "GD", "KL", "PO", "NPO"]
 METHODS: tuple[Method, ...] = ("GA", "GD", "KL", "PO", "NPO")
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj|gate_proj)"
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,21 @@ class BaselineConfig:
 
 def forget_retain_rows(rows: Sequence[Row], concepts: Sequence[Concept]) -> tuple[list[Row], list[Row]]:
     """Forget: train questions about a removed concept whose answer is it. Retain: every other train
-    row that has an image (other concepts of the same kinds and the other question kinds)."""
+    row (other concepts of the same kinds and the other question kinds).
+
+    Both keep the forget rows' modality - rows with an image when any forget row has one, text-only
+    rows otherwise - since a batch is all one or the other: a VLM trains on its image questions (the
+    world's text facts stay out, they measure utility), a text model on its text rows.
+    """
     train = [r for r in rows if r.split == "train"]
 
     def forgets(r: Row) -> bool:
         return any(r.question_kind == c.kind and c.matches(r) for c in concepts)
 
+    images = any(forgets(r) and r.image is not None for r in train)
+    train = [r for r in train if (r.image is not None) == images]
     forget = [r for r in train if forgets(r)]
-    retain = [r for r in train if not forgets(r) and r.image is not None]
+    retain = [r for r in train if not forgets(r)]
     return forget, retain
 
 
@@ -170,15 +178,14 @@ def unlearn(
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS
+            r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=lora_targets(student)
         )
         student = get_peft_model(student, lora)
         reference: torch.nn.Module = _Disabled(student)
         params = [p for p in student.parameters() if p.requires_grad]
     else:
         reference = model
-        lm_modules = [student.model.language_model, student.lm_head]  # type: ignore[union-attr]
-        params = [p for m in lm_modules for p in m.parameters()]
+        params = text_parameters(student)
         for p in params:
             p.requires_grad_(True)
     student.train()
