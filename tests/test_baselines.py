@@ -37,6 +37,7 @@ def setup(tiny_world: Path, tiny_llava_dir: Path) -> tuple[LoadedModel, TrainDat
     assert forget and retain
     assert all(r.question_kind == "person" and r.answer == person for r in forget)
     assert not any(r.question_kind == "person" and r.answer == person for r in retain)
+    assert all(r.image is not None for r in forget + retain)  # the world's text facts measure utility
     return lm, encode_train_data(lm, forget, retain, steps=4, batch_size=8, seed=0), concept
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -180,7 +181,9 @@ def unlearn(
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=lora_targets(student)
         )
-        student = get_peft_model(student, lora)
+        with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated question; not ours
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            student = get_peft_model(student, lora)
         reference: torch.nn.Module = _Disabled(student)
         params = [p for p in student.parameters() if p.requires_grad]
     else:
