@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -258,27 +260,28 @@ def test_compare_names_the_missing_piece_of_a_text_setup(
     run = tmp_path / "run"
     run.mkdir()
     (run / "report.json").write_text("{}")
-    rows = [json.loads(x) for x in train.read_text().splitlines()]
-    mine = [r for r in rows if r["labels"]["person"] == person]
-    others = [r for r in rows if r["labels"]["person"] != person]
-    facts_dir = tmp_path / "world-like"
-    facts_dir.mkdir()
-    write_jsonl(facts_dir / "train.jsonl", rows)
-    write_jsonl(facts_dir / "facts.jsonl", [{**r, "split": "paraphrase"} for r in rows])
-    cases = [
-        (tmp_path / "mine.jsonl", mine, eval_, "split", "nothing to retain"),
-        (tmp_path / "others.jsonl", others, eval_, "labels", "nothing to forget"),
-        (tmp_path / "ok.jsonl", rows, tmp_path / "mine.jsonl", "labels", "nothing to retain"),
-        (facts_dir / "train.jsonl", rows, eval_, "split", "utility"),
+
+    def jsonl(path: Path, keep: Callable[[dict[str, Any]], bool], **change: str) -> Path:
+        rows = [json.loads(x) for x in train.read_text().splitlines()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, [{**r, **change} for r in rows if keep(r)])
+        return path
+
+    mine = jsonl(tmp_path / "mine.jsonl", lambda r: r["labels"]["person"] == person)
+    others = jsonl(tmp_path / "others.jsonl", lambda r: r["labels"]["person"] != person)
+    mine_eval = jsonl(tmp_path / "mine-eval.jsonl", lambda r: r["labels"]["person"] == person, split="facts")
+    world_train = jsonl(tmp_path / "world" / "train.jsonl", lambda r: True)
+    no_facts = jsonl(tmp_path / "world" / "facts.jsonl", lambda r: True, split="paraphrase")
+    cases = [  # (train, eval, the file blamed, its field, what is missing)
+        (mine, eval_, mine, "split", "nothing to retain"),
+        (others, eval_, others, "labels", "nothing to forget"),
+        (train, mine_eval, mine_eval, "labels", "nothing to retain"),
+        (world_train, eval_, no_facts, "split", "utility"),
     ]
-    for data, data_rows, data_eval, field, needle in cases:
-        write_jsonl(data, data_rows)
-        if data_eval == tmp_path / "mine.jsonl":  # an eval file with only the person's questions
-            write_jsonl(data_eval, [{**r, "split": "facts"} for r in mine])
-        recipe = _text_recipe(tmp_path / "recipe.yaml", data, data_eval, person)
+    for data_train, data_eval, blamed, field, needle in cases:
+        recipe = _text_recipe(tmp_path / "recipe.yaml", data_train, data_eval, person)
         argv = ["--quiet", "compare", str(recipe), "--run", str(run), "--out", str(tmp_path / "o")]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
-        where = facts_dir / "facts.jsonl" if needle == "utility" else data_eval if "ok" in data.name else data
-        assert len(err.splitlines()) == 1 and f"{where}: {field}: " in err and needle in err, err
+        assert len(err.splitlines()) == 1 and f"{blamed}: {field}: " in err and needle in err, err
     assert not (tmp_path / "o").exists()  # nothing was written: the checks come first
