@@ -35,6 +35,8 @@ class CollectConfig:
     scope: Scope = "all"
     batch_size: int = 64
     shard_tokens: int = 65536
+    dtype: str = "float32"
+    """Of the stored activations (the pipeline passes the model's unless ``collect.dtype`` is set)."""
 
 
 @dataclass
@@ -106,7 +108,9 @@ def collect(
 
     site_module = resolve_site(lm.model, cfg.site)
     captured: list[torch.Tensor] = []
-    handle = register_output_hook(site_module, lambda h: captured.append(h.detach().float()) and None)
+    dtype = getattr(torch, cfg.dtype)
+    # Shards live on the CPU (then disk) whatever device the model runs on.
+    handle = register_output_hook(site_module, lambda h: captured.append(h.detach().to("cpu", dtype)) and None)
     buffer: list[Shard] = []
 
     def flush(processed: int) -> None:
@@ -140,7 +144,7 @@ def collect(
                 captured.clear()
                 lm.model(**batch.inputs)
                 hidden = captured[-1]
-                ids, attention = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+                ids, attention = batch.inputs["input_ids"].cpu(), batch.inputs["attention_mask"].cpu()
                 keep = _token_mask(lm, ids, attention, cfg.scope)
                 broken = (keep & ~torch.isfinite(hidden).all(-1)).any(1)
                 if broken.any():
@@ -151,7 +155,7 @@ def collect(
                 pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
                 # answer_mask marks positions predicting an answer token; the tokens sit one later.
                 answer = torch.zeros_like(keep)
-                answer[:, 1:] = batch.answer_mask[:, :-1]
+                answer[:, 1:] = batch.answer_mask[:, :-1].cpu()
                 image = ids == lm.image_token_id if lm.image_token_id is not None else torch.zeros_like(keep)
                 buffer.append(Shard(hidden[keep], row_idx[keep], pos[keep], image[keep], answer[keep]))
                 manifest["d_in"] = hidden.shape[-1]

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("recipe", type=Path, help="recipe YAML (see `sauce-export recipe-help`)")
         p.add_argument("--out", type=Path, required=True, help="run directory")
+        p.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
+        p.add_argument("--dtype", help="override runtime.dtype: auto, bfloat16, float16 or float32")
         if name == "run":
             p.add_argument(
                 "--dry-run",
@@ -234,8 +236,10 @@ def _run_stage(args: argparse.Namespace) -> int:
     from sauce_export.pipeline import Run, run_all
     from sauce_export.recipe import load_recipe
     from sauce_export.report import fidelity_table, gates_table, result_table
+    from sauce_export.runtime import override
 
     recipe = load_recipe(args.recipe)
+    override(recipe.runtime, args.device, args.dtype)
     if not getattr(args, "dry_run", False) and (getattr(args, "model", None) or getattr(args, "json", False)):
         raise InputError("run", "--model/--json", "only with --dry-run")
     if getattr(args, "dry_run", False):

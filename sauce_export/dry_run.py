@@ -36,13 +36,13 @@ from sauce_export.fold import TIED_EMBEDDINGS, writers_for_site
 from sauce_export.hf_config import NO_REMOTE_CODE, read_config
 from sauce_export.lm import padding_of
 from sauce_export.recipe import Recipe, check_sae_width, load_recipe_sae
+from sauce_export.runtime import checkpoint_dtype, dtype_name, resolve_dtype
 from sauce_export.sites import parse_site
 
 DEFAULT_TEXT_TOKENS = 48  # chat template + question + short answer, when data.train is not there yet
 TEMPLATE_TOKENS = 12  # chat-template tokens around a row's prompt and answer
-# One stored token in a collect shard: float32 activation + int64 row and pos + uint8 image/answer flags.
+# One stored token in a collect shard besides its activation: int64 row and pos + uint8 image/answer flags.
 SHARD_META_BYTES = 8 + 8 + 1 + 1
-LOAD_DTYPE = torch.float32  # the pipeline loads models in float32 (lm.load_model)
 
 
 def resolve_config(model: str, where: str) -> tuple[PretrainedConfig, Path]:
@@ -72,16 +72,6 @@ def meta_model(config: PretrainedConfig) -> nn.Module:
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config)
-
-
-def _dtype(config: PretrainedConfig) -> torch.dtype:
-    for cfg in (config, text_config(config)):
-        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-        if isinstance(value, torch.dtype):
-            return value
-        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-            return getattr(torch, value)
-    return torch.float32
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -253,7 +243,10 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
     site = parse_site(recipe.site, where)
     site_name = site_module_name(lm, site, where)
     n_params = sum(p.numel() for p in lm.parameters())
-    src_dtype = _dtype(config)
+    src_dtype = checkpoint_dtype(config)
+    rt = recipe.runtime
+    load_dtype = resolve_dtype(rt.dtype, config)
+    act_dtype = getattr(torch, recipe.collect.dtype) if recipe.collect.dtype else load_dtype
     d_model = int(text_config(config).hidden_size)
     notes: list[str] = []
 
@@ -313,7 +306,6 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
 
     shards = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     ckpt = sum(p.stat().st_size for p in shards) if shards else n_params * _nbytes(src_dtype)
-    load_dtype = getattr(recipe, "dtype", None) or str(LOAD_DTYPE).removeprefix("torch.")
     return {
         "model": source,
         "config": str(directory / "config.json"),
@@ -337,11 +329,16 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
             "vision_tokens_per_image": vision_tokens,
             "scope": recipe.collect.scope,
             "tokens": tokens,
-            "bytes": tokens * (4 * d_model + SHARD_META_BYTES),
+            "dtype": dtype_name(act_dtype),
+            "bytes": tokens * (_nbytes(act_dtype) * d_model + SHARD_META_BYTES),
             "shards": max(1, math.ceil(tokens / recipe.collect.shard_tokens)),
         },
         "sae": sae,
-        "memory": {"load_dtype": load_dtype, "model_bytes": n_params * _nbytes(getattr(torch, load_dtype))},
+        "memory": {
+            "load_dtype": dtype_name(load_dtype),
+            "device": f"device_map {rt.device_map}" if rt.device_map else rt.device,
+            "model_bytes": n_params * _nbytes(load_dtype),
+        },
         "export": {
             "bytes": ckpt + fold["growth_params"] * _nbytes(src_dtype),
             "measured": bool(shards),
@@ -403,7 +400,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         (
             "activation cache",
             f"{col['rows']:,} rows x scope {col['scope']} = {col['tokens']:,} tokens, "
-            f"{_size(col['bytes'])} in {col['shards']} shards",
+            f"{_size(col['bytes'])} ({col['dtype']}) in {col['shards']} shards",
         ),
     ]
     k = f", k {sae['k']}" if sae["k"] else ""
@@ -420,7 +417,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
     mem = plan["memory"]
     rows += [
-        ("model memory", f"{_size(mem['model_bytes'])} ({mem['load_dtype']})"),
+        ("model memory", f"{_size(mem['model_bytes'])} ({mem['load_dtype']} on {mem['device']})"),
         (
             "export disk",
             f"{_size(plan['export']['bytes'])} ({'measured' if plan['export']['measured'] else 'estimated'})",

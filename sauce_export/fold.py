@@ -192,7 +192,7 @@ def ridge_solve(xtx: torch.Tensor, xtc: torch.Tensor, ridge: float) -> torch.Ten
     """``A`` [k, in] minimising ``sum_t |A x_t - c_t|^2 + lam |A|^2`` from the sufficient statistics
     ``X^T X`` and ``X^T C``; ``lam`` is ``ridge`` times the mean input power, so it is scale-free."""
     lam = ridge * float(xtx.diagonal().mean())
-    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     return torch.linalg.solve(xtx.double() + lam * eye.double(), xtc.double()).T.float()
 
 
@@ -248,6 +248,7 @@ def lora_fold(
     xtc: torch.Tensor | None = None
     tokens = 0
     for batch, keep, inputs, site_h in capture(lm, rows, modules, edit.site, cfg.batch_size, progress):
+        # float32 statistics whatever the model's dtype: X^T X of bf16 inputs would lose the fit.
         x = torch.cat([inputs[m][keep].float() for m in modules], dim=-1)  # [N, sum(in)]
         mask = edit_mask(edit, batch.inputs["input_ids"])
         coeff = edit.coefficients(site_h, mask)[keep].float()  # [N, k]
@@ -306,7 +307,8 @@ def kl_refine(
     state = {"on": False}  # the reference forward runs without the additions
 
     def hook_for(params: list[nn.Parameter], add: AddFn):  # type: ignore[no-untyped-def]
-        return lambda _m, args, out: out + add(args[0], params) if state["on"] else None
+        # The parameters and their addition stay float32; only the sum takes the model's dtype.
+        return lambda _m, args, out: out + add(args[0].float(), params).to(out.dtype) if state["on"] else None
 
     params = [p for ps, _ in parts.values() for p in ps]
     initial = [p.detach().clone() for p in params]
@@ -392,7 +394,7 @@ def gated_fold(
     for _batch, keep, inputs, site_h in capture(lm, rows, [mlp], edit.site, cfg.batch_size, progress):
         x = inputs[mlp][keep].float()
         pre = edit.sae.pre_acts(site_h[keep].to(edit.sae.W_dec.dtype)).float()[:, feats]
-        ones = torch.ones(x.shape[0], 1)
+        ones = x.new_ones(x.shape[0], 1)
         xtx = x.T @ x if xtx is None else xtx + x.T @ x
         xtp = x.T @ pre if xtp is None else xtp + x.T @ pre
         xt1 = x.T @ ones if xt1 is None else xt1 + x.T @ ones
@@ -417,8 +419,8 @@ def gated_fold(
     new_width = -(-(width + len(feats)) // max(cfg.pad_multiple, 1)) * max(cfg.pad_multiple, 1)
     pad = new_width - width - len(feats)
     gate, up, down = (p.detach() for p in params)
-    gate, up = (torch.cat([t, torch.zeros(pad, t.shape[1])]) for t in (gate, up))
-    down = torch.cat([down, torch.zeros(down.shape[0], pad)], dim=1)
+    gate, up = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (gate, up))
+    down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
     grows = []
     for layer in range(len(model.get_submodule(spec.layers))):
         here = layer == site.layer

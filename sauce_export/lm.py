@@ -47,6 +47,16 @@ class LoadedModel:
         return Path(snapshot_download(self.path, local_files_only=True))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (``runtime.dtype``); inputs' floating tensors are cast to it."""
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the input embeddings' device (the first one under a ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
     def is_vlm(self) -> bool:
         return self.processor is not None
 
@@ -104,9 +114,19 @@ def padding_with(tokenizer: Any) -> Iterator[Padding]:
         tokenizer.pad_token = previous
 
 
-def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    path: str,
+    where: str = "model",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    device_map: str | None = None,
+) -> LoadedModel:
     """Load with stock Auto classes, never the model's own code; a missing path, an unreachable Hub id
-    or a model that needs its own code is an InputError."""
+    or a model that needs its own code is an InputError.
+
+    The weights are read straight into ``dtype`` on ``device`` (or spread by ``device_map``), so no
+    float32 or CPU copy of the whole model is ever made first.
+    """
     local = Path(path)
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise InputError(where, "model", f"{path!r} is neither a local directory nor a Hub id (org/name)")
@@ -115,15 +135,16 @@ def load_model(path: str, where: str = "model", dtype: torch.dtype = torch.float
     config = read_config(path, where)
     if local.is_dir():
         check_weight_files(local, quantized=getattr(config, "quantization_config", None) is not None)
+    options: dict[str, Any] = {"config": config, "dtype": dtype, **NO_REMOTE_CODE}
+    if device_map is not None or (device is not None and device.type != "cpu"):
+        options["device_map"] = device_map or str(device)
     try:
         if hasattr(config, "vision_config"):
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, config=config, dtype=dtype, **NO_REMOTE_CODE
-            )
+            model = AutoModelForImageTextToText.from_pretrained(path, **options)
             processor = AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
             tokenizer = processor.tokenizer
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **NO_REMOTE_CODE)
+            model = AutoModelForCausalLM.from_pretrained(path, **options)
             processor = None
             tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
     except pickle.UnpicklingError as err:
@@ -232,7 +253,11 @@ def encode_batch(lm: LoadedModel, rows: Sequence[Row]) -> Batch:
         else:
             enc = lm.tokenizer(fulls, padding=True, padding_side="right", return_tensors="pt", **once)
     answer_mask, targets = answer_targets(enc["input_ids"], enc["attention_mask"].sum(1).tolist(), n_answer)
-    return Batch(dict(enc), answer_mask, targets, rows)
+    # On the model's device; pixel values in the model's dtype (the processor returns float32).
+    inputs = {
+        k: v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()
+    }
+    return Batch(inputs, answer_mask.to(lm.device), targets.to(lm.device), rows)
 
 
 def _rgb(path: Path) -> Image.Image:

@@ -51,7 +51,7 @@ class WeightDelta:
 
     def apply_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + B @ A`` computed in float32 and returned in ``weight``'s dtype."""
-        return (weight.float() + self.dense()).to(weight.dtype)
+        return (weight.float() + self.dense().to(weight.device)).to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Growth:
     extra: torch.Tensor
 
     def grown(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.cat([weight, self.extra.to(weight.dtype)], dim=self.dim)
+        return torch.cat([weight, self.extra.to(weight)], dim=self.dim)
 
     def grown_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         rows, cols = shape
@@ -129,7 +129,7 @@ class Patch:
                     module.weight.copy_(delta.apply_to(module.weight))
                     if delta.bias is not None:
                         saved.append((module.bias, module.bias.detach().clone()))
-                        module.bias.add_(delta.bias.to(module.bias.dtype))
+                        module.bias.add_(delta.bias.to(module.bias))
                 for g in self.grows:
                     linear = model.get_submodule(g.module)
                     swapped.append((linear, linear.weight))
@@ -183,7 +183,7 @@ class Patch:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file({k: t.cpu() for k, t in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod

@@ -30,9 +30,11 @@ from sauce_export.evaluate.metrics import (
 )
 from sauce_export.fold import fold
 from sauce_export.fsutil import check_writable
+from sauce_export.hf_config import read_config
 from sauce_export.lm import LoadedModel, load_model
 from sauce_export.patch import Patch
 from sauce_export.recipe import Recipe, about_sae_path, check_sae_width, load_recipe_sae
+from sauce_export.runtime import Placement, dtype_name, placement
 from sauce_export.sae.formats import check_sae, load_sae, save_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import sae_stats, train_sae
@@ -64,12 +66,21 @@ class Run:
         self._store: ActivationStore | None = None
         self._sae: SAE | None = None
         self._selected: dict[str, list[int]] | None = None
+        self._placement: Placement | None = None
 
     # ------------------------------------------------------------------ inputs
     @property
+    def placement(self) -> Placement:
+        """``runtime`` resolved from config.json alone, so a skipped stage never loads the model."""
+        if self._placement is None:
+            r = self.recipe
+            self._placement = placement(r.runtime, read_config(r.model, r.path), r.path)
+        return self._placement
+
+    @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
-            self._lm = load_model(self.recipe.model, where=self.recipe.path)
+            self._lm = load_model(self.recipe.model, where=self.recipe.path, **self.placement.load_options())
             resolve_site(self._lm.model, self.recipe.site, self.recipe.path)  # fail before any work
         return self._lm
 
@@ -104,7 +115,8 @@ class Run:
         self, name: str, key: dict[str, Any], body: Callable[[Path], dict[str, Any]]
     ) -> dict[str, Any]:
         directory = self.out / name
-        digest = json.dumps(key, sort_keys=True, default=str)
+        # A result computed in another dtype is another result (the device is not: same numbers).
+        digest = json.dumps({**key, "dtype": str(self.placement.dtype)}, sort_keys=True, default=str)
         marker = directory / "stage.json"
         if marker.exists():
             done = json.loads(marker.read_text())
@@ -139,6 +151,7 @@ class Run:
             scope=r.collect.scope,
             batch_size=r.collect.batch_size,
             shard_tokens=r.collect.shard_tokens,
+            dtype=r.collect.dtype or dtype_name(self.placement.dtype),
         )
         key = {"model": r.model, "data": r.data.train, "collect": asdict(r.collect), "site": cfg.site}
 
@@ -184,7 +197,8 @@ class Run:
             }
 
         self.sae_info = self._stage("train-sae", key, body)
-        return load_sae(self.out / "train-sae" / "sae")
+        # float32 (as trained) next to the model: the edit casts each hidden state to it and back.
+        return load_sae(self.out / "train-sae" / "sae").to(self.placement.device)
 
     def select(self) -> dict[str, list[int]]:
         if self._selected is None:
@@ -292,7 +306,7 @@ class Run:
         def body(directory: Path) -> dict[str, Any]:
             rows, bs = self.eval_rows, r.eval.batch_size
             model = self.lm.model
-            reloaded = load_model(exported["path"], where="export")
+            reloaded = load_model(exported["path"], where="export", **self.placement.load_options())
             variants = [
                 Variant("original", model),
                 Variant("hooked", model, lambda: edit.apply(model)),

@@ -22,6 +22,7 @@ import yaml
 from sauce_export.data import Concept
 from sauce_export.errors import InputError
 from sauce_export.fold import FoldConfig
+from sauce_export.runtime import RuntimeConfig, check_device
 from sauce_export.sae.formats import load_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import TrainConfig
@@ -49,6 +50,9 @@ class CollectSection:
     scope: Literal["all", "image", "text"] = _f("all", "Tokens whose activations are stored.")
     shard_tokens: int = _f(65536, "Tokens per safetensors shard (bounds memory).", min=1)
     seed: int = _f(0, "Seed of the row sample.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = _f(
+        None, "Dtype of the stored activations (default: the model's; bfloat16 halves the cache)."
+    )
 
 
 @dataclass
@@ -141,6 +145,9 @@ class Recipe:
     model: str = _f("", "Local model directory or Hub id (loaded with stock Auto classes).")
     site: str = _f(
         "layers.1", "Where the SAE reads and the edit writes: layers.L, layers.L.mlp, layers.L.attn."
+    )
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig, metadata={"help": "Device and dtype of the model (docs/runtime.md)."}
     )
     concepts: list[ConceptEntry] = field(
         default_factory=list, metadata={"help": "Concepts to remove: a list of {kind, name}."}
@@ -284,6 +291,7 @@ def load_recipe(path: str | Path) -> Recipe:
             raise InputError(where, f"concepts[{i}]", "needs both kind and name")
     if (recipe.select.top_n is None) == (recipe.select.percentile is None):
         raise InputError(where, "select.top_n", "set exactly one of select.top_n and select.percentile")
+    check_device(recipe.runtime.device, where, "runtime.device")
     if recipe.sae.path and not Path(recipe.sae.path).exists():
         raise InputError(where, "sae.path", f"{recipe.sae.path} does not exist")
     return recipe

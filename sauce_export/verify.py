@@ -135,7 +135,7 @@ def fidelity(
         n_answer += int(answer.sum())
         real = batch.inputs["attention_mask"].bool()
         cos_sum += float(torch.cosine_similarity(ref_h[real], h[real], dim=-1).sum())
-        act_sum += float(edit.sae.encode(h[real].to(edit.sae.W_dec.dtype))[:, list(edit.features)].sum())
+        act_sum += float(edit.sae.encode(h[real].to(edit.sae.W_dec))[:, list(edit.features)].sum())
         n_tokens += int(real.sum())
     return {
         "kl": kl_sum / max(n_answer, 1),

@@ -93,10 +93,10 @@ def test_llava_plan(llava_plan: dict[str, Any]) -> None:
     assert plan["fold"]["writers"][1]["shape"] == [4096, 11008]
     col = plan["collect"]
     assert (col["image_tokens_per_row"], col["vision_tokens_per_image"]) == (576, 577)  # (336/14)^2
-    assert col["bytes"] == col["tokens"] * (4 * 4096 + 18)
+    assert col["dtype"] == "float16" and col["bytes"] == col["tokens"] * (2 * 4096 + 18)  # model's dtype
     assert 5e9 < col["bytes"] < 1e11
     assert plan["sae"]["d_sae"] == 8 * 4096 and plan["sae"]["bytes"] == 4 * plan["sae"]["params"]
-    assert plan["memory"]["model_bytes"] == 4 * plan["parameters"]  # float32, as the pipeline loads
+    assert plan["memory"]["model_bytes"] == 2 * plan["parameters"]  # runtime.dtype auto: float16
     assert plan["export"]["bytes"] == 2 * plan["parameters"] and not plan["export"]["measured"]  # fp16
     conv = plan["conventions"]  # the fixture is config.json alone: no tokenizer to tell the padding
     assert conv["padding"] is None and any("no tokenizer files" in n for n in plan["notes"])
