@@ -110,7 +110,9 @@ def collect(
     captured: list[torch.Tensor] = []
     dtype = getattr(torch, cfg.dtype)
     # Shards live on the CPU (then disk) whatever device the model runs on.
-    handle = register_output_hook(site_module, lambda h: captured.append(h.detach().to("cpu", dtype)) and None)
+    handle = register_output_hook(
+        site_module, lambda h: captured.append(h.detach().to("cpu", dtype)) and None
+    )
     buffer: list[Shard] = []
 
     def flush(processed: int) -> None:

@@ -72,7 +72,9 @@ def resolve_device(name: str, where: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
-            raise InputError(where, "runtime.device", f"{name} requested but this machine has {count} CUDA devices")
+            raise InputError(
+                where, "runtime.device", f"{name} requested but this machine has {count} CUDA devices"
+            )
     return device
 
 

@@ -109,6 +109,10 @@ RECIPE_CASES: list[tuple[dict[str, object], list[str]]] = [
     ({"fold__refine_steps": -1}, ["fold.refine_steps", "at least 0"]),
     ({"eval__batch_size": 0}, ["eval.batch_size", "at least 1"]),
     ({"verify__max_kl_retain": -0.5}, ["verify.max_kl_retain", "at least 0"]),
+    ({"runtime__dtype": "float8"}, ["runtime.dtype", "bfloat16"]),
+    ({"runtime__device": "gpu"}, ["runtime.device", "cuda:N, got 'gpu'"]),
+    ({"runtime__device_map": "everywhere"}, ["runtime.device_map", "auto"]),
+    ({"collect__dtype": "int8"}, ["collect.dtype", "bfloat16"]),
 ]
 
 
