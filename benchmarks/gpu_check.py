@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+if not torch.cuda.is_available():  # before the package's imports: the skip costs a second, not twenty
+    print("gpu-check: skipped (no CUDA device: torch.cuda.is_available() is False)")
+    sys.exit(0)
+
 from sauce_export.data import Concept, Row, read_rows
 from sauce_export.evaluate.metrics import METRICS, metric_rows
 from sauce_export.lm import batches, load_model
@@ -69,9 +73,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
     parser.add_argument("--dtype", default="float32", help="runtime.dtype of both runs (default float32)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu-check: skipped (no CUDA device: torch.cuda.is_available() is False)")
-        return 0
     recipe, cpu = _run(args.recipe, "cpu", args.dtype, args.out / "cpu")
     _, cuda = _run(args.recipe, "cuda", args.dtype, args.out / "cuda")
     eval_rows = read_rows(recipe.data.eval)
