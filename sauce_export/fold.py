@@ -162,18 +162,18 @@ def capture(
     lm: LoadedModel, rows: Sequence[Row], modules: Sequence[str], site: str, batch_size: int, progress: bool
 ) -> Iterator[tuple[Batch, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
     """Per batch: (batch, kept-token mask, each module's input [B,T,in], the site output [B,T,d])."""
-    model = lm.model
+    model, device = lm.model, lm.device  # under a device_map a layer may sit on another GPU
     seen: dict[str, torch.Tensor] = {}
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: seen.__setitem__(name, args[0].detach())
+            lambda _m, args, name=name: seen.__setitem__(name, args[0].detach().to(device))
         )
         for name in modules
     ]
     site_module = model.get_submodule(site_module_name(model, site))
     handles.append(
         site_module.register_forward_hook(
-            lambda _m, _a, out: seen.__setitem__("@site", hidden_of(out).detach())
+            lambda _m, _a, out: seen.__setitem__("@site", hidden_of(out).detach().to(device))
         )
     )
     try:

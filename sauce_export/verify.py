@@ -101,7 +101,8 @@ def _run(variant: Variant, inputs: dict[str, torch.Tensor], site: str) -> tuple[
             logits = variant.model(**inputs).logits.float()
         finally:
             handle.remove()
-    return torch.log_softmax(logits, -1), seen["h"].float()
+    # On the inputs' device: under a device_map the site layer may sit on another GPU.
+    return torch.log_softmax(logits, -1), seen["h"].float().to(logits.device)
 
 
 @torch.no_grad()
