@@ -95,7 +95,9 @@ FACT_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 IMAGE_KINDS = tuple(QUESTIONS)
-SPLITS = ("train", "heldout_view", "heldout_paraphrase")
+SPLITS = ("train", "heldout_view", "heldout_paraphrase", "validation")
+"""``validation`` (new renders, the train wordings, one per image and kind, like ``heldout_view``) is
+for every automatic choice (DESIGN §11); appended last so the other splits stay bit-identical."""
 
 _SYLLABLES = (
     "zor",
@@ -147,6 +149,7 @@ class WorldConfig:
     seed: int = 0
     train_images: int = 8000
     eval_images: int = 640
+    validation_images: int = 1280
     noise: float = 0.04
 
 
@@ -207,8 +210,9 @@ class World:
     # ----------------------------------------------------------------- QA rows
     def scenes(self, split: str) -> Iterator[tuple[str, Person, Event, str, str, random.Random]]:
         """(image id, person, event, colour, material, rng) for every image of a split, balanced."""
-        count = self.config.train_images if split == "train" else self.config.eval_images
-        base = {"train": 1, "heldout_view": 2, "heldout_paraphrase": 3}[split]
+        cfg = self.config
+        count = {"train": cfg.train_images, "validation": cfg.validation_images}.get(split, cfg.eval_images)
+        base = {"train": 1, "heldout_view": 2, "heldout_paraphrase": 3, "validation": 4}[split]
         rng = random.Random(self.config.seed * 1000 + base)
         for i in range(count):
             person = self.persons[i % len(self.persons)]
@@ -224,7 +228,8 @@ class World:
             labels = {"person": person.name, "event": event.name, "colour": colour, "material": material}
             for kind in IMAGE_KINDS:
                 questions = QUESTIONS[kind][templates]
-                # train uses every template, evaluation one random template per image and kind.
+                # train uses every template, evaluation and validation one random template per
+                # image and kind.
                 chosen = questions if split == "train" else (rng.choice(questions),)
                 for q_index, question in enumerate(chosen):
                     yield {
@@ -269,7 +274,8 @@ def build_world(out: Path, config: WorldConfig | None = None, progress: bool = T
     """Render every split to PNGs and write the QA rows as JSONL in the project's data format.
 
     Written into ``out.tmp`` and renamed at the end, so an interrupted build leaves nothing behind.
-    Returns the written files: ``train``, ``eval`` (held-out views and paraphrases) and ``facts``.
+    Returns the written files: ``train``, ``eval`` (held-out views and paraphrases), ``validation``
+    (new renders for calibration, never evaluated) and ``facts``.
     """
     from tqdm import tqdm
 
@@ -295,9 +301,10 @@ def build_world(out: Path, config: WorldConfig | None = None, progress: bool = T
             tmp / "eval.jsonl",
             [*world.image_rows("heldout_view", paths), *world.image_rows("heldout_paraphrase", paths)],
         )
+        write_jsonl(tmp / "validation.jsonl", world.image_rows("validation", paths))
         write_jsonl(tmp / "facts.jsonl", [r for r in world.fact_rows() if r["split"] != "train"])
         (tmp / "world.json").write_text(json.dumps(world.to_dict(), indent=1))
-    return {name: out / f"{name}.jsonl" for name in ("train", "eval", "facts")}
+    return {name: out / f"{name}.jsonl" for name in ("train", "eval", "validation", "facts")}
 
 
 def _rows(world: World, split: str) -> list[dict[str, object]]:
