@@ -264,7 +264,7 @@ def render_card(
     model_dir: Path | None = None,
 ) -> str:
     """The card text for the checkpoint (or adapter) in ``folder``, from a run's ``report.json``."""
-    from sauce_export.report import fidelity_table, gates_table, result_table
+    from sauce_export.report import calibration_text, fidelity_table, gates_table, result_table
 
     if not template.is_file():
         raise InputError(str(template), "template", "model card template not found")
@@ -311,6 +311,7 @@ def render_card(
             ],
         ),
         clamp_rule=_clamp_rule(report),
+        calibration=calibration_text(report),
         fold_text=f"Method `{method}`: {_FOLDS.get(method, 'see the description below.')}\n\n"
         + (_table(["module", "rank", "norm"], fold_rows) if fold_rows else ""),
         fold_json=json.dumps(desc, indent=1),

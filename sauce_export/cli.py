@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from sauce_export.errors import InputError
+from sauce_export.errors import CalibrationFailed, InputError
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "collect": "collect site activations for SAE training into OUT/collect",
         "train-sae": "train (or load, with sae.path) the SAE into OUT/train-sae",
         "select": "score SAE features per concept and select them into OUT/select",
+        "calibrate": "choose each concept's score, top_n and clamp on validation rows into OUT/calibrate "
+        "(exit 1 with the table of tried points when none meets the gates)",
         "fold": "fold the reference edit into a weight patch, OUT/fold/patch.safetensors",
         "verify": "export OUT/export/model, then measure original, hooked, folded and exported models "
         "against the gates (exit 0 pass, 1 a gate failed, 2 bad input)",
@@ -235,7 +237,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _run_stage(args: argparse.Namespace) -> int:
     from sauce_export.pipeline import Run, run_all
     from sauce_export.recipe import load_recipe
-    from sauce_export.report import fidelity_table, gates_table, result_table
+    from sauce_export.report import (
+        calibration_summary,
+        calibration_table,
+        fidelity_table,
+        gates_table,
+        result_table,
+    )
     from sauce_export.runtime import override
 
     recipe = load_recipe(args.recipe)
@@ -255,6 +263,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         print("\n" + fidelity_table(report))
         if args.command == "verify":
             print("\n" + gates_table(report))
+        print("\n" + calibration_summary(report))
         print(
             f"\nSAE: FVU {report['sae']['fvu']:.4f}, L0 {report['sae']['l0']:.1f}, dead {report['sae']['dead_frac']:.3f}"
         )
@@ -272,6 +281,10 @@ def _run_stage(args: argparse.Namespace) -> int:
         print(json.dumps(run.sae_info))
     elif args.command == "select":
         print(json.dumps(run.select()))
+    elif args.command == "calibrate":
+        result = run.calibrate()
+        print(calibration_table(result["table"]))
+        print(json.dumps({"choices": result["choices"], "evaluations": result["evaluations"]}))
     elif args.command == "fold":
         patch = run.patch()
         print(json.dumps({"patch": str(args.out / "fold" / "patch.safetensors"), **patch.description}))
@@ -300,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"sauce-export: error: {err}", file=sys.stderr)
         return 2
+    except CalibrationFailed as err:
+        from sauce_export.report import calibration_table
+
+        print(calibration_table(err.table))
+        print(f"sauce-export: calibration failed: {err}", file=sys.stderr)
+        return 1
 
 
 def _world(args: argparse.Namespace) -> int:

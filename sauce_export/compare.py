@@ -37,8 +37,14 @@ from sauce_export.evaluate.baselines import (
     forget_retain_rows,
     unlearn,
 )
-from sauce_export.evaluate.metrics import METRICS, concept_metrics, metric_rows
-from sauce_export.lm import Batch, LoadedModel, batches, correct, load_model
+from sauce_export.evaluate.metrics import (
+    METRICS,
+    concept_metrics,
+    correctness,
+    metric_rows,
+    summary_score,
+)
+from sauce_export.lm import Batch, LoadedModel, batches, load_model
 from sauce_export.recipe import Recipe
 
 T = TypeVar("T")
@@ -53,24 +59,6 @@ MEMORY_NOTE = (
 
 
 # ---------------------------------------------------------------------------- scoring
-def summary_score(metrics: dict[str, float | None], original: dict[str, float | None]) -> float:
-    """Harmonic mean of forgetting, kept retain and kept interference, each relative and in [0, 1]."""
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or not b else min(1.0, max(0.0, a / b))
-
-    forget = ratio(metrics["forget_acc"], original["forget_acc"])
-    terms = [
-        None if forget is None else 1.0 - forget,
-        ratio(metrics["retain_acc"], original["retain_acc"]),
-        ratio(metrics["interference_acc"], original["interference_acc"]),
-    ]
-    kept = [t for t in terms if t is not None]
-    if not kept or min(kept) <= 0.0:
-        return 0.0
-    return len(kept) / sum(1.0 / t for t in kept)
-
-
 def settings(concepts: Sequence[Concept]) -> dict[str, list[Concept]]:
     """PEBench's settings for a recipe's concepts: each alone, all together, a person with an event."""
     out = {f"single {c}": [c] for c in concepts}
@@ -121,16 +109,6 @@ def measured(fn: Callable[[], T]) -> tuple[T, float, float]:
     with PeakRSS() as mem:
         result = fn()
     return result, round(time.perf_counter() - start, 2), mem.delta_mb
-
-
-@torch.no_grad()
-def correctness(model: torch.nn.Module, encoded: Sequence[Batch]) -> dict[str, bool]:
-    """Row id -> exact greedy answer, on batches encoded once per setting."""
-    out: dict[str, bool] = {}
-    for batch in encoded:
-        ok = correct(model(**batch.inputs).logits, batch)
-        out.update({r.id: bool(g) for r, g in zip(batch.rows, ok.tolist(), strict=True)})
-    return out
 
 
 @dataclasses.dataclass

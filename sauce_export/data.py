@@ -15,7 +15,9 @@ negatives the other rows. Concept sets, calibration data and evaluation sets are
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,3 +132,32 @@ def concept_split(rows: list[Row], concept: Concept, where: str) -> tuple[list[R
     if not neg:
         raise InputError(where, "concepts", f"every row is labelled {concept}: no negatives to contrast with")
     return pos, neg
+
+
+def hold_out(rows: list[Row], share: float) -> tuple[list[Row], list[Row]]:
+    """(kept, held back): a deterministic validation carve-out of training rows.
+
+    Whole groups are held back (an image with all its questions; a text row alone), so no held-back
+    image is ever seen by the SAE or the fold. Each answer of each question kind gets its share (at
+    least one group where it has two or more), so every concept has validation rows. Groups are
+    ranked by a hash of the image file name or row id, not by file order or a random draw.
+    """
+
+    def group(row: Row) -> str:
+        return row.image.name if row.image is not None else row.id
+
+    def rank(name: str) -> str:
+        return hashlib.sha256(name.encode()).hexdigest()
+
+    strata: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for row in rows:
+        strata[(row.question_kind, row.answer)].add(group(row))
+    held: set[str] = set()
+    for key in sorted(strata):
+        groups = sorted(strata[key], key=rank)
+        quota = max(1, round(share * len(groups))) if len(groups) > 1 else 0
+        for name in groups:
+            if len(held & strata[key]) >= quota:
+                break
+            held.add(name)
+    return [r for r in rows if group(r) not in held], [r for r in rows if group(r) in held]

@@ -151,7 +151,8 @@ def _data_profile(recipe: Recipe) -> tuple[int, float, float, str | None]:
 
 
 def _features(recipe: Recipe, d_sae: int | None) -> int:
-    """Upper bound on the selected features: the sum of each concept's count (the union may be smaller)."""
+    """Upper bound on the selected features: the sum of each concept's count (the union may be smaller;
+    a calibrated concept counts its largest ``calibrate.top_n``)."""
 
     def count(plan: dict[str, Any]) -> int:
         if plan["top_n"] is not None:
@@ -160,7 +161,10 @@ def _features(recipe: Recipe, d_sae: int | None) -> int:
             return math.ceil(d_sae * (100 - plan["percentile"]) / 100)
         return 1
 
-    return sum(count(c.selection(recipe.select)) for c in recipe.concepts)
+    return sum(
+        max(recipe.calibrate.top_n) if c.searched(recipe.calibrate) else count(c.selection(recipe.select))
+        for c in recipe.concepts
+    )
 
 
 def _lowrank(module: nn.Module, rank: int) -> int:

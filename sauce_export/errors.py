@@ -1,6 +1,9 @@
-"""One error type for bad user input, so the CLI can turn it into exit code 2 and one line."""
+"""The errors the CLI turns into exit codes: bad user input (2, one line) and a failed calibration
+(1, with the table of what was tried)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class InputError(Exception):
@@ -28,3 +31,12 @@ def unpickling_problem(err: BaseException) -> str:
         if "WeightsUnpickler error:" in line:
             return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()
     return first_line(err)
+
+
+class CalibrationFailed(Exception):
+    """No point met the gates on validation rows, or a concept has none: exit 1 with the table of
+    what was tried (exit 2 stays for malformed input)."""
+
+    def __init__(self, message: str, table: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.table = table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,9 +19,10 @@ import torch
 
 from sauce_export.activations import ActivationStore, CollectConfig, collect
 from sauce_export.architectures import resolve_site
-from sauce_export.data import Concept, Row, concept_split, read_rows
+from sauce_export.calibrate import EditSettings, Point, Search, Validation, calibrate
+from sauce_export.data import Concept, Row, concept_split, hold_out, read_rows
 from sauce_export.edit import Edit
-from sauce_export.errors import InputError
+from sauce_export.errors import CalibrationFailed, InputError
 from sauce_export.evaluate.metrics import (
     METRICS,
     chance_accuracy,
@@ -46,8 +48,6 @@ from sauce_export.select import (
     save_scores,
     select_features,
     specific_scores,
-    union_clamps,
-    union_features,
 )
 from sauce_export.sites import parse_site
 from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
@@ -65,7 +65,8 @@ class Run:
         # Later stages ask for earlier ones repeatedly; each is resolved (and loaded) once per Run.
         self._store: ActivationStore | None = None
         self._sae: SAE | None = None
-        self._selected: dict[str, list[int]] | None = None
+        self._ranked: dict[str, dict[str, list[int]]] | None = None
+        self._choices: dict[str, dict[str, Any]] | None = None
         self._placement: Placement | None = None
 
     # ------------------------------------------------------------------ inputs
@@ -86,7 +87,7 @@ class Run:
 
     def _ensure_data(self) -> None:
         data = self.recipe.data
-        paths = [Path(data.train), Path(data.eval)]
+        paths = [Path(p) for p in (data.train, data.eval, data.validation) if p]
         if data.build_world and not all(p.exists() for p in paths):
             from sauce_export.world.generate import WorldConfig, build_world
 
@@ -98,9 +99,29 @@ class Run:
             self._rows_cache[path] = read_rows(path)
         return self._rows_cache[path]
 
+    def _split_train(self) -> tuple[list[Row], list[Row]]:
+        """(train, validation): ``data.validation`` when given, else a carve-out of ``data.train``."""
+        data = self.recipe.data
+        if data.validation:
+            return self._rows(data.train), self._rows(data.validation)
+        return hold_out(self._rows(data.train), data.validation_share)
+
     @property
     def train_rows(self) -> list[Row]:
-        return self._rows(self.recipe.data.train)
+        """Rows for SAE training, concept scores and fold calibration (never validation rows)."""
+        return self._split_train()[0]
+
+    @property
+    def validation_rows(self) -> list[Row]:
+        """Rows for every automatic choice (calibration); never scored by verify."""
+        return self._split_train()[1]
+
+    @property
+    def validation_source(self) -> str:
+        data = self.recipe.data
+        if data.validation:
+            return data.validation
+        return f"carved out of {data.train}: {data.validation_share:.0%} of each answer's images, held back"
 
     @property
     def eval_rows(self) -> list[Row]:
@@ -130,7 +151,8 @@ class Run:
         )
         return result
 
-    def _sample_rows(self) -> list[Row]:
+    def sample_rows(self) -> list[Row]:
+        """The seeded sample of training rows whose activations the collect stage stores."""
         cfg = self.recipe.collect
         rows = self.train_rows
         if len(rows) <= cfg.max_rows:
@@ -153,10 +175,16 @@ class Run:
             shard_tokens=r.collect.shard_tokens,
             dtype=r.collect.dtype or dtype_name(self.placement.dtype),
         )
-        key = {"model": r.model, "data": r.data.train, "collect": asdict(r.collect), "site": cfg.site}
+        key = {
+            "model": r.model,
+            "data": r.data.train,
+            "validation": r.data.validation or r.data.validation_share,
+            "collect": asdict(r.collect),
+            "site": cfg.site,
+        }
 
         def body(directory: Path) -> dict[str, Any]:
-            rows = self._sample_rows()  # bad data fails before the model loads
+            rows = self.sample_rows()  # bad data fails before the model loads
             store = collect(self.lm, rows, cfg, directory / "acts", progress=self.progress)
             return {"d_in": store.d_in, "shards": len(store.manifest["shards"])}
 
@@ -200,64 +228,149 @@ class Run:
         # float32 (as trained) next to the model: the edit casts each hidden state to it and back.
         return load_sae(self.out / "train-sae" / "sae").to(self.placement.device)
 
-    def select(self) -> dict[str, list[int]]:
-        if self._selected is None:
-            self._selected = self._select()
-        return self._selected
-
     def selection_plans(self) -> dict[str, dict[str, Any]]:
         """Each concept's score and feature count: its own where the recipe sets them, else ``select.*``."""
         return {str(e.concept()): e.selection(self.recipe.select) for e in self.recipe.concepts}
 
-    def _select(self) -> dict[str, list[int]]:
+    def select(self) -> dict[str, dict[str, list[int]]]:
+        """Per concept and score method, the selected latents, best first: the recipe's plan for a
+        concept it sets, the ``max(calibrate.top_n)`` best of each searched score otherwise."""
+        if self._ranked is None:
+            self._ranked = self._select()
+        return self._ranked
+
+    def _select(self) -> dict[str, dict[str, list[int]]]:
         r = self.recipe
         sae = self.sae()
         plans = self.selection_plans()
-        key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans}
+        searched = {str(e.concept()): e.searched(r.calibrate) for e in r.concepts}
+        cal = {"methods": r.calibrate.methods, "top_n": max(r.calibrate.top_n)}
+        key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans, "search": [searched, cal]}
 
         def body(directory: Path) -> dict[str, Any]:
             store = self.collect()
-            rows = self._sample_rows()
-            scores, selected = {}, {}
+            rows = self.sample_rows()
+            scores, selected, ranked = {}, {}, {}
             for concept in self.concepts:
-                plan = plans[str(concept)]
-                score = concept_scores(sae, store, rows, concept, plan["method"], r.select.tokens, r.path)
-                chosen = select_features(score, top_n=plan["top_n"], percentile=plan["percentile"])
-                if not chosen:
+                plan, name = plans[str(concept)], str(concept)
+                methods = r.calibrate.methods if searched[name] else [plan["method"]]
+                ranked[name] = {}
+                for method in methods:
+                    score = concept_scores(sae, store, rows, concept, method, r.select.tokens, r.path)
+                    if searched[name]:
+                        chosen = select_features(score, top_n=cal["top_n"])
+                        label = f"{name} {method}"
+                    else:
+                        chosen = select_features(score, top_n=plan["top_n"], percentile=plan["percentile"])
+                        label = name
+                    scores[label], selected[label], ranked[name][method] = score, chosen, chosen
+                if not any(ranked[name].values()):
                     raise InputError(r.path, "select", f"no feature scores above 0 for {concept}")
-                scores[str(concept)], selected[str(concept)] = score, chosen
             save_scores(directory / "scores.json", scores, selected)
-            return {"selected": selected}
+            return {"ranked": ranked}
 
-        return self._stage("select", key, body)["selected"]
+        return self._stage("select", key, body)["ranked"]
+
+    def calibrate(self) -> dict[str, Any]:
+        """The calibrate stage: each concept's point (searched on validation rows, or the recipe's
+        own), the search table and its cost. CalibrationFailed (exit 1) when nothing passes."""
+        r = self.recipe
+        ranked = self.select()
+        fixed = {}
+        for entry in r.concepts:
+            name = str(entry.concept())
+            if not entry.searched(r.calibrate):
+                plan = entry.selection(r.select)
+                clamp = r.edit.clamp if entry.clamp is None else entry.clamp
+                features = tuple(ranked[name][plan["method"]])
+                fixed[name] = Point(plan["method"], plan["top_n"], clamp, features, plan["percentile"])
+        searched = [str(e.concept()) for e in r.concepts if e.searched(r.calibrate)]
+        key = {
+            "select": ranked,
+            "fixed": {c: p.to_dict() for c, p in fixed.items()},
+            "calibrate": asdict(r.calibrate),
+            "gates": asdict(r.verify),
+            "edit": asdict(r.edit),
+            "validation": self.validation_source,
+            "model": r.model,
+        }
+
+        def body(directory: Path) -> dict[str, Any]:
+            if not searched:
+                choices = {c: {**p.to_dict(), "calibrated": False} for c, p in fixed.items()}
+                return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
+            cal, gates = r.calibrate, r.verify
+            search = Search(
+                methods=cal.methods,
+                top_n=cal.top_n,
+                clamps=cal.clamps,
+                forget_margin=cal.forget_margin,
+                keep_margin=cal.keep_margin,
+                hooked_forget_margin=gates.hooked_forget_margin,
+                hooked_keep=gates.hooked_keep,
+                sample_rows=cal.sample_rows,
+                batch_size=cal.batch_size,
+                seed=cal.seed,
+            )
+            rows = self.validation_rows
+            validation = Validation(
+                self.lm, self._edit_settings(), rows, self.concepts, search, self.progress
+            )
+            try:
+                result = calibrate(validation, ranked, fixed, searched)
+            except CalibrationFailed as err:
+                (directory / "failed.json").write_text(
+                    json.dumps({"error": str(err), "table": err.table}, indent=1)
+                )
+                raise
+            result["validation"] = {"source": self.validation_source, "rows": len(rows)}
+            if self.progress:
+                print(
+                    f"calibrate: {result['evaluations']} hooked evaluations ({result['rows_scored']} "
+                    f"validation rows) in {result['seconds']} s",
+                    file=sys.stderr,
+                )
+            return result
+
+        self.calibration = self._stage("calibrate", key, body)
+        return self.calibration
+
+    def choices(self) -> dict[str, dict[str, Any]]:
+        """Each concept's method, top_n, clamp and features as calibrated (or set by the recipe)."""
+        if self._choices is None:
+            self._choices = self.calibrate()["choices"]
+        return self._choices
+
+    def selected(self) -> dict[str, list[int]]:
+        """Each concept's latents in the edit."""
+        return {c: list(p["features"]) for c, p in self.choices().items()}
 
     def concept_clamps(self) -> dict[str, float]:
-        """Each concept's clamp target: its own where the recipe sets one, else ``edit.clamp``."""
-        r = self.recipe
-        return {str(e.concept()): r.edit.clamp if e.clamp is None else e.clamp for e in r.concepts}
+        """Each concept's clamp target."""
+        return {c: float(p["clamp"]) for c, p in self.choices().items()}
 
-    def edit(self) -> Edit:
-        """The reference edit: every concept's selected latents, clamped together at the site (a
-        latent selected by several concepts gets the most negative of their targets)."""
+    def _edit_settings(self) -> EditSettings:
         r = self.recipe
-        selected = self.select()
-        clamps = tuple(union_clamps(selected, self.concept_clamps()))
-        return Edit(
+        return EditSettings(
             sae=self.sae(),
-            features=tuple(union_features(selected.values())),
             site=str(parse_site(r.site, r.path)),
-            clamp=clamps if len(set(clamps)) > 1 else clamps[0],
             multiplier=r.edit.multiplier,
             only_where_active=r.edit.only_where_active,
             scope=r.edit.scope,
             image_token_id=self.lm.image_token_id,
         )
 
+    def edit(self) -> Edit:
+        """The reference edit: every concept's selected latents, clamped together at the site (a
+        latent selected by several concepts gets the most negative of their targets)."""
+        points = {c: Point.from_dict(p) for c, p in self.choices().items()}
+        return self._edit_settings().union(points)
+
     def patch(self) -> Patch:
         """The fold of ``edit()`` into weights, saved as ``fold/patch.safetensors``."""
         r = self.recipe
         key = {
-            "select": self.select(),
+            "select": self.selected(),
             "edit": asdict(r.edit),
             "clamps": self.concept_clamps(),
             "fold": asdict(r.fold),
@@ -299,8 +412,7 @@ class Run:
             "export": exported["files"],
             "eval": asdict(r.eval),
             "data": r.data.eval,
-            "clamps": self.concept_clamps(),
-            "select": self.selection_plans(),
+            "choices": self.choices(),
         }
 
         def body(directory: Path) -> dict[str, Any]:
@@ -345,9 +457,12 @@ class Run:
                         "name": concept.name,
                         "kind": concept.kind,
                         "chance_acc": chance_accuracy(rows, concept.kind),
-                        "features": self.select()[str(concept)],
-                        "select": self.selection_plans()[str(concept)],
+                        "features": self.selected()[str(concept)],
+                        "select": {
+                            k: self.choices()[str(concept)][k] for k in ("method", "top_n", "percentile")
+                        },
                         "clamp": self.concept_clamps()[str(concept)],
+                        "calibrated": self.choices()[str(concept)]["calibrated"],
                         "counts": {m: len(v) for m, v in selection.items()},
                         "metrics": metrics,
                     }
@@ -399,9 +514,10 @@ def concept_scores(
 
 def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """collect -> train-sae -> select -> fold -> export -> verify, then report.json / report.md."""
-    from sauce_export.report import write_report
+    from sauce_export.report import machine, write_report
 
     run = Run(recipe, out, progress)
+    calibration = run.calibrate()
     result = run.verify()
     exported = run.export()
     checks = gate_checks(result["concepts"], recipe.verify, "exported")
@@ -416,6 +532,8 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "concepts": result["concepts"],
         "gates": {"passed": all(c["passed"] for c in checks), "checks": checks},
         "metrics_reported": list(METRICS),
+        "calibration": calibration,
+        "machine": machine(),
     }
     write_report(report, Path(out))
     from sauce_export.card import write_card

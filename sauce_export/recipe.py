@@ -38,7 +38,18 @@ def _f(default: Any, help: str, **bounds: float) -> Any:
 @dataclass
 class DataSection:
     train: str = _f("data/world/train.jsonl", "JSONL rows for SAE training, concept sets and calibration.")
-    eval: str = _f("data/world/eval.jsonl", "JSONL rows for evaluation (held-out views and paraphrases).")
+    eval: str = _f(
+        "data/world/eval.jsonl",
+        "JSONL rows for evaluation (held-out views and paraphrases), read only by verify.",
+    )
+    validation: str | None = _f(
+        None,
+        "JSONL rows for every automatic choice (calibration). When absent, a deterministic share of "
+        "data.train (whole images, per answer) is held back from SAE training and fold calibration.",
+    )
+    validation_share: float = _f(
+        0.1, "Share of each answer's images (or text rows) of data.train held back when validation is absent."
+    )
     build_world: bool = _f(False, "Build the fictitious world first if the data files are missing.")
     world_seed: int = _f(0, "Seed of the fictitious world when build_world is set.")
 
@@ -97,6 +108,33 @@ class EditSection:
 
 
 @dataclass
+class CalibrateSection:
+    search: bool = _f(
+        True,
+        "Search each concept's score, top_n and clamp on validation rows (a concept that sets its own "
+        "method/top_n/clamp is not searched). false: select.* and edit.clamp for every such concept.",
+    )
+    methods: list[Literal["saeuron", "contrast", "specific"]] = field(
+        default_factory=lambda: ["specific", "contrast", "saeuron"],
+        metadata={"help": "Feature scores tried."},
+    )
+    top_n: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "Feature counts tried (doubling)."}
+    )
+    clamps: list[float] = field(
+        default_factory=lambda: [0.0, -10.0, -30.0, -60.0, -100.0],
+        metadata={"help": "Clamp targets tried, bisected in this order of |clamp|."},
+    )
+    forget_margin: float = _f(0.03, "Validation forget_acc must be this far under the verify gate's limit.")
+    keep_margin: float = _f(
+        0.01, "Validation retain/interference must keep (verify.hooked_keep + this) x the original."
+    )
+    sample_rows: int = _f(256, "At most this many retain and interference rows per concept (seeded sample).")
+    batch_size: int = _f(64, "Rows per forward pass.")
+    seed: int = _f(0, "Seed of the row samples.")
+
+
+@dataclass
 class EvalSection:
     batch_size: int = _f(128, "Rows per forward pass.", min=1)
     forget_split: str = _f("heldout_view", "Split whose target-concept questions measure forgetting.")
@@ -129,6 +167,11 @@ class ConceptEntry:
     def concept(self) -> Concept:
         return Concept(self.kind, self.name)
 
+    def searched(self, calibrate: CalibrateSection) -> bool:
+        """Calibrated on validation rows: the search is on and this entry sets none of its own
+        method / top_n / clamp (any of them makes the entry the user's choice)."""
+        return calibrate.search and (self.method, self.top_n, self.clamp) == (None, None, None)
+
     def selection(self, default: SelectSection) -> dict[str, Any]:
         """The selection this concept uses: its own method / top_n where set, else the recipe's."""
         if self.top_n is not None:
@@ -160,6 +203,10 @@ class Recipe:
     select: SelectSection = field(default_factory=SelectSection, metadata={"help": "Feature selection."})
     edit: EditSection = field(
         default_factory=EditSection, metadata={"help": "The hook-based reference edit."}
+    )
+    calibrate: CalibrateSection = field(
+        default_factory=CalibrateSection,
+        metadata={"help": "Per-concept search of score, top_n and clamp on validation rows (DESIGN §11)."},
     )
     fold: FoldConfig = field(
         default_factory=FoldConfig, metadata={"help": "How the edit is folded into weights."}
@@ -289,6 +336,17 @@ def load_recipe(path: str | Path) -> Recipe:
     for i, c in enumerate(recipe.concepts):
         if not c.kind or not c.name:
             raise InputError(where, f"concepts[{i}]", "needs both kind and name")
+    cal = recipe.calibrate
+    if not cal.methods or not cal.top_n or not cal.clamps:
+        raise InputError(where, "calibrate", "methods, top_n and clamps each need at least one value")
+    if min(cal.top_n) < 1:
+        raise InputError(where, "calibrate.top_n", f"must be at least 1, got {min(cal.top_n)}")
+    if max(cal.clamps) > 0:
+        raise InputError(where, "calibrate.clamps", f"must be 0 or negative, got {max(cal.clamps)}")
+    if not 0.0 < recipe.data.validation_share < 1.0:
+        raise InputError(
+            where, "data.validation_share", f"must be between 0 and 1, got {recipe.data.validation_share}"
+        )
     if (recipe.select.top_n is None) == (recipe.select.percentile is None):
         raise InputError(where, "select.top_n", "set exactly one of select.top_n and select.percentile")
     check_device(recipe.runtime.device, where, "runtime.device")

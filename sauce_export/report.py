@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
 from sauce_export.evaluate.metrics import METRICS
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured: floating point differs between CPUs (and torch versions)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -84,6 +107,52 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     return ["metrics.png", "features.png"]
 
 
+CALIBRATION = ("method", "top_n", "clamp", "size", "forget_acc", "retain_acc", "interference_acc", "score")
+
+
+def calibration_table(table: list[dict[str, Any]]) -> str:
+    """Markdown: every point the calibration scored on validation rows, the chosen ones in bold."""
+    lines = [
+        "| concept | phase | " + " | ".join(CALIBRATION) + " | why |",
+        "|---|---|" + "---|" * (len(CALIBRATION) + 1),
+    ]
+    for e in table:
+        cells = [e["concept"], e["phase"]] + [
+            _fmt(e[k]) if isinstance(e[k], float) else ("-" if e[k] is None else e[k]) for k in CALIBRATION
+        ]
+        mark = "**" if e["chosen"] else ""
+        lines.append("| " + " | ".join(f"{mark}{c}{mark}" for c in cells) + f" | {e['why']} |")
+    return "\n".join(lines)
+
+
+def calibration_summary(report: dict[str, Any]) -> str:
+    """One paragraph: where the choices came from and what the search cost."""
+    cal, m = report["calibration"], report["machine"]
+    picked = "; ".join(
+        f"{c}: {p['method']} top {p['top_n']} clamp {p['clamp']:g}"
+        + ("" if p["calibrated"] else " (set by the recipe)")
+        for c, p in cal["choices"].items()
+    )
+    source = cal.get("validation")
+    where = (
+        f"validation rows from {source['source']} ({source['rows']} rows)"
+        if source
+        else "no search (every concept set by the recipe)"
+    )
+    return (
+        f"Chosen: {picked}. Searched on {where}; the evaluation rows were not read before verify. "
+        f"Cost: {cal['evaluations']} hooked evaluations, {cal['rows_scored']} rows, {cal['seconds']} s. "
+        f"Machine: {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, {m['threads']} threads."
+    )
+
+
+def calibration_text(report: dict[str, Any]) -> str:
+    """The calibration summary and its table (report.md, the model card); older reports have none."""
+    if "calibration" not in report:
+        return "Not recorded: this report predates calibration."
+    return calibration_summary(report) + "\n\n" + calibration_table(report["calibration"]["table"])
+
+
 def gates_table(report: dict[str, Any]) -> str:
     lines = ["| check | value | threshold | passed |", "|---|---|---|---|"]
     for check in report["gates"]["checks"]:
@@ -109,6 +178,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 "## Fidelity to the hooked reference (KL at answer positions, nats; *_ctx: unrelated "
                 "context before the question)",
                 fidelity_table(report),
+                "## Calibration (validation rows only)",
+                calibration_text(report),
                 f"## Fold\n\n`{json.dumps(report['fold']['description'])}`\n\nExported checkpoint: "
                 f"`{report['export']['path']}`\n\n![metrics](metrics.png) ![features](features.png)",
                 f"## Gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}",

@@ -42,9 +42,12 @@ def test_run_writes_report_and_resumes(
     assert {"concepts", "gates", "sae", "recipe", "fold", "export"} <= set(report)
     assert {"fvu", "l0", "dead_frac"} <= set(report["sae"])
     assert len(report["concepts"]) == 2
+    cal = report["calibration"]
     for concept in report["concepts"]:
         assert {"name", "kind", "chance_acc", "features", "metrics"} <= set(concept)
-        assert len(concept["features"]) == 3
+        choice = cal["choices"][f"{concept['kind']}:{concept['name']}"]
+        assert concept["calibrated"] and concept["features"] == choice["features"]
+        assert len(concept["features"]) == choice["top_n"] and concept["clamp"] == choice["clamp"]
         for variant in ("original", "hooked", "folded", "exported"):
             for metric in ("forget_acc", "generality_acc", "retain_acc", "interference_acc"):
                 value = concept["metrics"][variant][metric]
@@ -72,7 +75,7 @@ def test_run_writes_report_and_resumes(
     assert (exported_dir / "config.json").read_bytes() == (tiny_llava_dir / "config.json").read_bytes()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
-    assert len(stamps) == 6
+    assert len(stamps) == 7
     assert main(["--quiet", "run", str(recipe), "--out", str(out)]) == code
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}  # nothing recomputed
     capsys.readouterr()

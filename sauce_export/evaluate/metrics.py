@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from sauce_export.data import Concept, Row
-from sauce_export.lm import LoadedModel, batches, correct
+from sauce_export.lm import Batch, LoadedModel, batches, correct
 
 METRICS = ("forget_acc", "generality_acc", "retain_acc", "interference_acc")
 
@@ -39,36 +39,55 @@ def row_correctness(
     return out
 
 
+@torch.no_grad()
+def correctness(model: torch.nn.Module, encoded: Sequence[Batch]) -> dict[str, bool]:
+    """Row id -> exact greedy answer, on batches encoded once and scored many times."""
+    out: dict[str, bool] = {}
+    for batch in encoded:
+        ok = correct(model(**batch.inputs).logits, batch)
+        out.update({r.id: bool(g) for r, g in zip(batch.rows, ok.tolist(), strict=True)})
+    return out
+
+
 def metric_rows(
     rows: Sequence[Row],
     concept: Concept,
-    forget_split: str,
-    generality_split: str,
+    forget_split: str | None,
+    generality_split: str | None,
     removed: Sequence[Concept] = (),
 ) -> dict[str, list[Row]]:
-    """Which evaluation rows each metric averages over (``removed``: every concept of the run)."""
+    """Which evaluation rows each metric averages over (``removed``: every concept of the run).
+
+    A split of ``None`` takes rows of any split (validation rows carved out of train are ``train``).
+    """
     k = concept.kind
     others = [c for c in removed if c != concept]
+
+    def in_split(r: Row, split: str | None) -> bool:
+        return split is None or r.split == split
 
     def asks_removed(r: Row) -> bool:
         return any(r.question_kind == c.kind and c.matches(r) for c in others)
 
     selection = {
         "forget_acc": [
-            r for r in rows if r.split == forget_split and r.question_kind == k and concept.matches(r)
+            r for r in rows if in_split(r, forget_split) and r.question_kind == k and concept.matches(r)
         ],
         "generality_acc": [
-            r for r in rows if r.split == generality_split and r.question_kind == k and concept.matches(r)
+            r for r in rows if in_split(r, generality_split) and r.question_kind == k and concept.matches(r)
         ],
         "retain_acc": [
             r
             for r in rows
-            if r.split == forget_split and r.question_kind == k and k in r.labels and not concept.matches(r)
+            if in_split(r, forget_split) and r.question_kind == k and k in r.labels and not concept.matches(r)
         ],
         "interference_acc": [
             r
             for r in rows
-            if r.split == forget_split and r.question_kind != k and concept.matches(r) and r.image is not None
+            if in_split(r, forget_split)
+            and r.question_kind != k
+            and concept.matches(r)
+            and r.image is not None
         ],
     }
     for name in ("retain_acc", "interference_acc"):
@@ -87,3 +106,21 @@ def chance_accuracy(rows: Sequence[Row], kind: str) -> float:
     """1 / number of distinct answers to questions about ``kind`` (uniform guessing)."""
     answers = {r.answer for r in rows if r.question_kind == kind}
     return 1.0 / max(1, len(answers))
+
+
+def summary_score(metrics: dict[str, float | None], original: dict[str, float | None]) -> float:
+    """Harmonic mean of forgetting, kept retain and kept interference, each relative and in [0, 1]."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else min(1.0, max(0.0, a / b))
+
+    forget = ratio(metrics["forget_acc"], original["forget_acc"])
+    terms = [
+        None if forget is None else 1.0 - forget,
+        ratio(metrics["retain_acc"], original["retain_acc"]),
+        ratio(metrics["interference_acc"], original["interference_acc"]),
+    ]
+    kept = [t for t in terms if t is not None]
+    if not kept or min(kept) <= 0.0:
+        return 0.0
+    return len(kept) / sum(1.0 / t for t in kept)
