@@ -175,13 +175,14 @@ class Run:
             shard_tokens=r.collect.shard_tokens,
             dtype=r.collect.dtype or dtype_name(self.placement.dtype),
         )
-        key = {
+        key: dict[str, Any] = {
             "model": r.model,
             "data": r.data.train,
-            "validation": r.data.validation or r.data.validation_share,
             "collect": asdict(r.collect),
             "site": cfg.site,
         }
+        if not r.data.validation:  # the carve-out changes which training rows are sampled
+            key["holdout"] = r.data.validation_share
 
         def body(directory: Path) -> dict[str, Any]:
             rows = self.sample_rows()  # bad data fails before the model loads
