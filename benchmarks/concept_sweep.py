@@ -1,6 +1,7 @@
 """Sweep one concept's selection and clamp target for the hooked edit, with the recipe's other concepts.
 
-How the demo recipe's per-concept settings were chosen (README, "Per-concept settings"): for each
+How the demo recipe's per-concept settings were once chosen (README, "Per-concept settings"), on
+the *evaluation* rows; `sauce-export calibrate` now chooses them on validation rows. For each
 (score, top_n, clamp) the target concept's latents are re-selected, joined with the other concepts'
 latents as the recipe selects them (each at its own target), and the hooked edit is scored on the
 held-out views. Reuses a finished run's activations, SAE and selection. Prints one JSON line per
@@ -39,14 +40,14 @@ def main() -> None:
     run = Run(recipe, args.run, progress=False)
     if args.concept not in {str(c) for c in run.concepts}:
         parser.error(f"--concept {args.concept!r} is not one of {[str(c) for c in run.concepts]}")
-    sae, lm, store, train = run.sae(), run.lm, run.collect(), run._sample_rows()
+    sae, lm, store, train = run.sae(), run.lm, run.collect(), run.sample_rows()
     rows, forget, generality = run.eval_rows, recipe.eval.forget_split, recipe.eval.generality_split
     selections = {
         str(c): metric_rows(rows, c, forget, generality, removed=run.concepts) for c in run.concepts
     }
     scored = list({r.id: r for s in selections.values() for group in s.values() for r in group}.values())
     target = next(c for c in run.concepts if str(c) == args.concept)
-    selected, clamps = dict(run.select()), run.concept_clamps()
+    selected, clamps = run.selected(), run.concept_clamps()
     points = []
     for method in args.methods.split(","):
         score = concept_scores(sae, store, train, target, method, recipe.select.tokens, recipe.path)

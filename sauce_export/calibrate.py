@@ -184,6 +184,28 @@ class Validation:
             out.update(self._memo[memo])
         return out
 
+    def forget(self, points: Mapping[str, Point], concept: str) -> tuple[float, bool]:
+        """(forget_acc, complete) under the union edit of ``points``. Scoring stops at the batch
+        where more rows are answered than the limit allows; the value is then a lower bound."""
+        edit = self.settings.union(points)
+        memo = ((edit.features, edit.clamps), concept, "forget_acc")
+        rows = self.selections[concept]["forget_acc"]
+        if memo in self._memo:
+            return sum(self._memo[memo][r.id] for r in rows) / len(rows), True
+        allowed = self.limits(concept)["forget_max"] * len(rows)  # type: ignore[operator]
+        ok: dict[str, bool] = {}
+        with edit.apply(self.lm.model):
+            for batch in self.encoded[(concept, "forget_acc")]:
+                ok.update(correctness(self.lm.model, [batch]))
+                self.rows_scored += len(batch.rows)
+                if sum(ok.values()) > allowed + 1e-9:
+                    break
+        self.evaluations += 1
+        complete = len(ok) == len(rows)
+        if complete:
+            self._memo[memo] = ok
+        return sum(ok.values()) / len(rows), complete
+
     def metrics(
         self, points: Mapping[str, Point], concept: str, parts: Sequence[str] = PARTS
     ) -> dict[str, float | None]:
@@ -238,9 +260,9 @@ class Validation:
             lo, hi = 0, len(points)
             while lo < hi:  # the first clamp of the grid that forgets
                 mid = (lo + hi) // 2
-                m = self.metrics({**context, concept: points[mid]}, concept, ("forget_acc",))
-                fails = self.failures(concept, m)
-                entries[mid] = _entry(concept, phase, points[mid], m, fails)
+                forget, complete = self.forget({**context, concept: points[mid]}, concept)
+                fails = self.failures(concept, {"forget_acc": forget})
+                entries[mid] = _entry(concept, phase, points[mid], forget, fails, complete)
                 table.append(entries[mid])
                 lo, hi = (lo, mid) if not fails else (mid + 1, hi)
             if lo == len(points):
@@ -270,9 +292,11 @@ def _entry(
     concept: str,
     phase: str,
     point: Point,
-    m: Mapping[str, float | None],
+    forget: float,
     fails: list[str],
+    complete: bool,
 ) -> dict[str, Any]:
+    why = "; ".join(fails) + ("" if complete else " (scoring stopped early: a lower bound)")
     return {
         "concept": concept,
         "phase": phase,
@@ -281,13 +305,13 @@ def _entry(
         "clamp": point.clamp,
         "features": list(point.features),
         "size": point.size,
-        "forget_acc": m.get("forget_acc"),
+        "forget_acc": forget,
         "retain_acc": None,
         "interference_acc": None,
         "score": None,
         "passed": False if fails else None,
         "chosen": False,
-        "why": "; ".join(fails) if fails else "forgets; retain and interference scored next",
+        "why": why if fails else "forgets; retain and interference scored next",
     }
 
 

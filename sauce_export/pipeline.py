@@ -10,7 +10,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,9 @@ from sauce_export.sae.formats import check_sae, load_sae, save_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import sae_stats, train_sae
 from sauce_export.select import (
-    concept_stats,
+    GroupSums,
     contrast_scores,
-    mean_activations,
+    group_sums,
     saeuron_scores,
     save_scores,
     select_features,
@@ -252,12 +252,17 @@ class Run:
             store = self.collect()
             rows = self.sample_rows()
             scores, selected, ranked = {}, {}, {}
+            sums = {
+                k: label_sums(sae, store, rows, k, r.select.tokens) for k in {c.kind for c in self.concepts}
+            }
             for concept in self.concepts:
                 plan, name = plans[str(concept)], str(concept)
                 methods = r.calibrate.methods if searched[name] else [plan["method"]]
                 ranked[name] = {}
                 for method in methods:
-                    score = concept_scores(sae, store, rows, concept, method, r.select.tokens, r.path)
+                    score = concept_scores(
+                        sae, store, rows, concept, method, r.select.tokens, r.path, sums[concept.kind]
+                    )
                     if searched[name]:
                         chosen = select_features(score, top_n=cal["top_n"])
                         label = f"{name} {method}"
@@ -473,43 +478,45 @@ class Run:
         return self._stage("verify", key, body)
 
 
+def label_sums(
+    sae: SAE, store: ActivationStore, rows: list[Row], kind: str, tokens: str
+) -> tuple[list[str], GroupSums]:
+    """(values of ``kind`` in ``rows``, per-value sums; the last group: rows without that label)."""
+    values = sorted({row.labels[kind] for row in rows if kind in row.labels})
+    index = {v: i for i, v in enumerate(values)}
+    row_group = torch.tensor([index.get(row.labels.get(kind, ""), len(values)) for row in rows])
+
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for shard in store.shards():
+            keep = ~shard.answer if tokens == "prompt" else torch.ones_like(shard.answer)
+            yield shard.acts[keep], row_group[shard.row[keep].long()]
+
+    return values, group_sums(sae, chunks(), len(values) + 1)
+
+
 def concept_scores(
-    sae: SAE, store: ActivationStore, rows: list[Row], concept: Concept, method: str, tokens: str, where: str
+    sae: SAE,
+    store: ActivationStore,
+    rows: list[Row],
+    concept: Concept,
+    method: str,
+    tokens: str,
+    where: str,
+    sums: tuple[list[str], GroupSums] | None = None,
 ) -> torch.Tensor:
-    """Score every latent for one concept from the stored activations of ``rows``."""
+    """Score every latent for one concept from the stored activations of ``rows`` (``sums``: this
+    kind's ``label_sums``, computed here when not given)."""
     concept_split(rows, concept, where)  # fails loudly on an empty concept set
-
-    def token_filter(row_ids: list[int]) -> Callable[[Any], torch.Tensor]:
-        ids = torch.tensor(row_ids, dtype=torch.long)
-
-        def keep(shard: Any) -> torch.Tensor:
-            mask = torch.isin(shard.row, ids)
-            return mask & ~shard.answer if tokens == "prompt" else mask
-
-        return keep
-
-    positives = [i for i, row in enumerate(rows) if concept.matches(row)]
+    values, groups = sums or label_sums(sae, store, rows, concept.kind, tokens)
+    target = values.index(concept.name)
     if method == "specific":
-        siblings = sorted(
-            {row.labels[concept.kind] for row in rows if concept.kind in row.labels} - {concept.name}
-        )
-        if not siblings:
+        if len(values) < 2:
             raise InputError(
                 where, "select.method", f"'specific' needs other {concept.kind} values to compare with"
             )
-        mu_target = mean_activations(sae, store.tokens(token_filter(positives)))
-        mu_others = [
-            mean_activations(
-                sae,
-                store.tokens(
-                    token_filter([i for i, row in enumerate(rows) if row.labels.get(concept.kind) == v])
-                ),
-            )
-            for v in siblings
-        ]
-        return specific_scores(mu_target, mu_others)
-    negatives = [i for i, row in enumerate(rows) if not concept.matches(row)]
-    stats = concept_stats(sae, store.tokens(token_filter(positives)), store.tokens(token_filter(negatives)))
+        means = groups.means()
+        return specific_scores(means[target], [means[i] for i in range(len(values)) if i != target])
+    stats = groups.stats(target)
     return saeuron_scores(stats) if method == "saeuron" else contrast_scores(stats)
 
 

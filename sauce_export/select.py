@@ -93,9 +93,56 @@ def contrast_scores(stats: ConceptStats) -> torch.Tensor:
     return (stats.freq_pos - stats.freq_neg) * strength
 
 
-def mean_activations(sae: SAE, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per-latent mean activation over some tokens (one concept value's, for ``specific_scores``)."""
-    return _accumulate(sae, chunks, "group")[0]
+@dataclass
+class GroupSums:
+    """Per-latent activation sums and firing counts of each group of tokens (float64, CPU), from
+    one pass over the activations: every concept of a kind and every score reads the same sums."""
+
+    total: torch.Tensor
+    """[groups, d_sae] sum of ``f`` over the group's tokens."""
+    fired: torch.Tensor
+    """[groups, d_sae] number of the group's tokens with ``f > 0``."""
+    count: torch.Tensor
+    """[groups] tokens per group."""
+
+    def stats(self, group: int) -> ConceptStats:
+        """Positives: the group's tokens; negatives: every other token."""
+        n_pos, n_all = float(self.count[group]), float(self.count.sum())
+        if n_pos == 0 or n_pos == n_all:
+            side = "positive" if n_pos == 0 else "negative"
+            raise InputError(f"{side} activations", "tokens", "no tokens given; selection needs both sides")
+        rest = n_all - n_pos
+        return ConceptStats(
+            mu_pos=self.total[group] / n_pos,
+            mu_neg=(self.total.sum(0) - self.total[group]) / rest,
+            freq_pos=self.fired[group] / n_pos,
+            freq_neg=(self.fired.sum(0) - self.fired[group]) / rest,
+            n_pos=int(n_pos),
+            n_neg=int(rest),
+        )
+
+    def means(self) -> torch.Tensor:
+        """[groups, d_sae] mean activation per group (zeros where a group has no tokens)."""
+        return self.total / self.count.clamp_min(1)[:, None]
+
+
+def group_sums(sae: SAE, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], n_groups: int) -> GroupSums:
+    """Stream ``(activations [n, d_in], group of each token [n])`` chunks through the SAE once."""
+    d_sae, param = sae.cfg.d_sae, sae.W_enc
+    total = torch.zeros(n_groups, d_sae, dtype=torch.float64)
+    fired = torch.zeros(n_groups, d_sae, dtype=torch.float64)
+    count = torch.zeros(n_groups, dtype=torch.float64)
+    with torch.no_grad():
+        for acts, groups in chunks:
+            if acts.ndim != 2 or acts.shape[-1] != sae.cfg.d_in:
+                raise InputError(
+                    "activations", "shape", f"expected [n, {sae.cfg.d_in}] chunks, got {list(acts.shape)}"
+                )
+            f = sae.encode(acts.to(device=param.device, dtype=param.dtype)).to("cpu", torch.float64)
+            total.index_add_(0, groups, f)
+            fired.index_add_(0, groups, (f > 0).to(torch.float64))
+            count.index_add_(0, groups, torch.ones(len(groups), dtype=torch.float64))
+    return GroupSums(total, fired, count)
 
 
 def specific_scores(mu_target: torch.Tensor, mu_others: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,9 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sauce_export.world.generate import WorldConfig, build_world
 
     out = tmp_path_factory.mktemp("world") / "world"
-    build_world(out, WorldConfig(seed=3, train_images=48, eval_images=32, validation_images=64), progress=False)
+    build_world(
+        out, WorldConfig(seed=3, train_images=48, eval_images=32, validation_images=64), progress=False
+    )
     return out
 
 

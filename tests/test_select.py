@@ -11,6 +11,7 @@ from sauce_export.select import (
     ConceptStats,
     concept_stats,
     contrast_scores,
+    group_sums,
     load_scores,
     saeuron_scores,
     save_scores,
@@ -66,6 +67,26 @@ def test_stats_stream_and_count(stats: ConceptStats) -> None:
     assert stats.freq_neg[PLANTED].eq(0).all()
     assert stats.freq_pos[COMMON] == 1.0 and stats.freq_neg[COMMON] == 1.0
     assert torch.allclose(stats.mu_neg[COMMON], torch.tensor(3.0 - 1e-3, dtype=torch.float64), atol=1e-5)
+
+
+def test_one_pass_group_sums_match_two_sided_stats() -> None:
+    """Tokens in three groups, streamed once in mixed chunks: each group against the rest gives the
+    statistics of streaming that group and the rest separately."""
+    sae = dictionary_sae()
+    gen = torch.Generator().manual_seed(3)
+    parts = [synthetic(sae, n, concept, gen) for n, concept in ((40, True), (50, False), (30, False))]
+    acts = torch.cat(parts)
+    groups = torch.cat([torch.full((len(p),), g) for g, p in enumerate(parts)])
+    order = torch.randperm(len(acts), generator=gen)
+    sums = group_sums(sae, zip(acts[order].split(16), groups[order].split(16), strict=True), 3)
+    assert sums.count.tolist() == [40, 50, 30]
+    for g in range(3):
+        want = concept_stats(sae, [parts[g]], [p for i, p in enumerate(parts) if i != g])
+        got = sums.stats(g)
+        assert (got.n_pos, got.n_neg) == (want.n_pos, want.n_neg)
+        for name in ("mu_pos", "mu_neg", "freq_pos", "freq_neg"):
+            assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-6), name
+    assert torch.allclose(sums.means()[1], concept_stats(sae, [parts[1]], [parts[0]]).mu_pos, atol=1e-6)
 
 
 def test_chunking_does_not_change_stats() -> None:

@@ -14,10 +14,14 @@ from sauce_export.world.generate import COLOURS, EVENTS, MATERIALS, World, World
 
 def test_world_is_deterministic_and_seed_dependent(tmp_path: Path, tiny_world: Path) -> None:
     again = tmp_path / "again"
-    build_world(again, WorldConfig(seed=3, train_images=48, eval_images=32, validation_images=64), progress=False)
+    build_world(
+        again, WorldConfig(seed=3, train_images=48, eval_images=32, validation_images=64), progress=False
+    )
     assert digest(again) == digest(tiny_world)
     other = tmp_path / "other"
-    build_world(other, WorldConfig(seed=4, train_images=48, eval_images=32, validation_images=64), progress=False)
+    build_world(
+        other, WorldConfig(seed=4, train_images=48, eval_images=32, validation_images=64), progress=False
+    )
     assert digest(other) != digest(tiny_world)
 
 
