@@ -64,10 +64,14 @@ def test_run_writes_card(tiny_run: Path) -> None:
         assert f"| {c['kind']}:{c['name']} (chance {c['chance_acc']:.3f}) | exported |" in card
     person, event = report["concepts"]
     assert (person["clamp"], event["clamp"]) == (0.0, -5.0)  # the event's own target, the recipe's default
-    assert (len(person["features"]), len(event["features"])) == (3, 2)
+    # the person is calibrated on validation rows (carved out of train), the event set by the recipe
+    assert person["calibrated"] and not event["calibrated"] and len(event["features"]) == 2
+    choice = report["calibration"]["choices"][f"person:{person['name']}"]
+    assert len(person["features"]) == choice["top_n"] and "carved out of" in card
     assert f"person {person['name']} c = 0.0, event concert c = -5.0" in card
     assert event["select"] == {"method": "saeuron", "top_n": 2, "percentile": None}
-    assert f"person {person['name']}: saeuron scores, top 3; event concert: saeuron scores, top 2" in card
+    picked = f"{choice['method']} scores, top {choice['top_n']}"
+    assert f"person {person['name']}: {picked}; event concert: saeuron scores, top 2" in card
     union = sorted({f for c in report["concepts"] for f in c["features"]})
     assert f"S = {union}" in card
     assert "Method `lora`" in card and "model.language_model.layers.1.mlp.down_proj" in card
