@@ -24,7 +24,9 @@ from sauce_export import __version__
 from sauce_export.errors import InputError
 from sauce_export.hf_config import code_files
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "default.md"
+TEMPLATE = Path(__file__).parent / "model_cards" / "default.md"
+"""Package data: in a checkout ``sauce_export/model_cards`` is a link to the top-level ``model_cards/``
+(the source users edit); a wheel holds a copy of its files at the same place (pyproject package-data)."""
 TAGS = ["sauce-export", "unlearning", "concept-removal", "sae"]
 Relation = Literal["finetune", "adapter"]
 """The Hub knows four relations (adapter, merge, quantized, finetune): a folded checkpoint is a
