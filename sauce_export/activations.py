@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from sauce_export.architectures import resolve_site
 from sauce_export.data import Row
 from sauce_export.errors import InputError
 from sauce_export.hooks import register_output_hook
 from sauce_export.lm import LoadedModel, batches
+from sauce_export.progress import bar
 
 Scope = str  # "all" | "image" | "text"
 
@@ -137,7 +137,7 @@ def collect(
     # A fixed order (image rows first, as batches() groups them); resuming skips flushed chunks.
     order = sorted(range(len(rows)), key=lambda i: rows[i].image is None)
     start = manifest["done_rows"]
-    bar = tqdm(total=len(order), initial=start, desc=f"collect {cfg.site}", disable=not progress, leave=False)
+    counter = bar(len(order), f"collect {cfg.site}", progress, initial=start)
     try:
         for chunk_start in range(start, len(order), cfg.batch_size):
             chunk = order[chunk_start : chunk_start + cfg.batch_size]
@@ -161,13 +161,13 @@ def collect(
                 image = ids == lm.image_token_id if lm.image_token_id is not None else torch.zeros_like(keep)
                 buffer.append(Shard(hidden[keep], row_idx[keep], pos[keep], image[keep], answer[keep]))
                 manifest["d_in"] = hidden.shape[-1]
-            bar.update(len(chunk))
+            counter.update(len(chunk))
             if sum(s.acts.shape[0] for s in buffer) >= cfg.shard_tokens:
                 flush(chunk_start + len(chunk))
         flush(len(order))
     finally:
         handle.remove()
-        bar.close()
+        counter.close()
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return ActivationStore(out)

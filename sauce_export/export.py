@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from sauce_export.architectures import disk_key_in
@@ -37,6 +36,7 @@ from sauce_export.errors import InputError, unpickling_problem
 from sauce_export.fsutil import atomic_dir
 from sauce_export.hf_config import read_config
 from sauce_export.patch import Growth, Patch, WeightDelta
+from sauce_export.progress import Counter, bar
 
 Change = tuple[WeightDelta | Growth, str]  # (what, "weight" | "bias" | "grow")
 
@@ -290,9 +290,9 @@ class _Writer:
     digest in file order.
     """
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor, bar: tqdm) -> None:
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, counter: Counter) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.pool, self.bar = path, pool, bar
+        self.path, self.pool, self.counter = path, pool, counter
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         self.sha = hashlib.sha256()
         self.bytes = 0
@@ -316,7 +316,7 @@ class _Writer:
         self.jobs.append(self.held)
         self._out(view)
         self.bytes += len(view)
-        self.bar.update(len(view))
+        self.counter.update(len(view))
 
     def copy_from(self, src: Path, offset: int, length: int) -> None:
         """Append ``length`` bytes of ``src`` from ``offset``, copied by the kernel, never decoded."""
@@ -328,7 +328,7 @@ class _Writer:
                 n = self._copy(f.fileno(), offset, min(length, _COPY_CHUNK), src)
                 offset, length = offset + n, length - n
                 self.bytes += n
-                self.bar.update(n)
+                self.counter.update(n)
 
     def _copy(self, src: int, offset: int, count: int, name: Path) -> int:
         """Copy up to ``count`` bytes of ``src`` at ``offset`` to the end of the output; bytes copied."""
@@ -439,14 +439,16 @@ def _updated_json(path: Path, updates: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _rewrite_pickle(src_path: Path, dst_path: Path, edits: dict[str, Change], bar: tqdm) -> dict[str, Any]:
+def _rewrite_pickle(
+    src_path: Path, dst_path: Path, edits: dict[str, Change], counter: Counter
+) -> dict[str, Any]:
     state = _torch_load(src_path)
     with torch.no_grad():
         for key in edits.keys() & state.keys():
             state[key] = _patched(state[key], *edits[key])
     torch.save(state, dst_path)
     record = _file_record(dst_path)
-    bar.update(record["bytes"])
+    counter.update(record["bytes"])
     return record
 
 
@@ -604,15 +606,14 @@ def export_checkpoint(
     with (
         atomic_dir(out, overwrite) as tmp,
         ThreadPoolExecutor(1) as pool,
-        tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar,
+        bar(total, f"export {out.name}", progress, unit="B") as counter,
     ):
-        bar.set_description(f"export {out.name}")
         for name in names:
             src, dst = source / name, tmp / name
             if name in touched_files and layout.kind == "pickle":
-                records.append({"name": name, **_rewrite_pickle(src, dst, edits, bar)})
+                records.append({"name": name, **_rewrite_pickle(src, dst, edits, counter)})
                 continue
-            writer = _Writer(dst, pool, bar)
+            writer = _Writer(dst, pool, counter)
             try:
                 if name in rewritten_json:
                     writer.write(memoryview(rewritten_json[name]))

@@ -30,7 +30,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from sauce_export.architectures import (
     residual_writers,
@@ -44,6 +43,7 @@ from sauce_export.errors import InputError
 from sauce_export.hooks import hidden_of
 from sauce_export.lm import Batch, LoadedModel, batches
 from sauce_export.patch import Growth, Patch, WeightDelta
+from sauce_export.progress import track
 from sauce_export.sites import parse_site
 
 
@@ -178,7 +178,7 @@ def capture(
     )
     try:
         total = (len(rows) + batch_size - 1) // batch_size
-        for batch in tqdm(batches(lm, rows, batch_size), total=total, desc="calibrate", disable=not progress):
+        for batch in track(batches(lm, rows, batch_size), "calibrate", progress, total):
             seen.clear()
             model(**batch.inputs)
             keep = token_mask(batch, lm.tokenizer.bos_token_id)
@@ -340,7 +340,7 @@ def kl_refine(
         p.requires_grad_(False)
     try:
         before = held_kl()
-        for _ in tqdm(range(cfg.refine_steps), desc="refine fold", disable=not progress):
+        for _ in track(range(cfg.refine_steps), "refine fold", progress):
             loss = kl(rng.choice(train))
             optim.zero_grad()
             loss.backward()

@@ -35,6 +35,7 @@ from sauce_export.fsutil import check_writable
 from sauce_export.hf_config import read_config
 from sauce_export.lm import LoadedModel, load_model
 from sauce_export.patch import Patch
+from sauce_export.progress import stage_done
 from sauce_export.recipe import Recipe, about_sae_path, check_sae_width, load_recipe_sae
 from sauce_export.runtime import Placement, dtype_name, placement
 from sauce_export.sae.formats import check_sae, load_sae, save_sae
@@ -68,6 +69,7 @@ class Run:
         self._ranked: dict[str, dict[str, list[int]]] | None = None
         self._choices: dict[str, dict[str, Any]] | None = None
         self._placement: Placement | None = None
+        self._reported: set[str] = set()
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -142,14 +144,23 @@ class Run:
         if marker.exists():
             done = json.loads(marker.read_text())
             if done.get("key") == digest:
+                self._announce(name, None)
                 return done["result"]
         directory.mkdir(parents=True, exist_ok=True)
         start = time.time()
         result = body(directory)
+        seconds = time.time() - start
         marker.write_text(
-            json.dumps({"key": digest, "seconds": round(time.time() - start, 2), "result": result}, indent=1)
+            json.dumps({"key": digest, "seconds": round(seconds, 2), "result": result}, indent=1)
         )
+        self._announce(name, seconds)
         return result
+
+    def _announce(self, name: str, seconds: float | None) -> None:
+        """The stage's one log line, once per Run (later stages ask for earlier ones again)."""
+        if name not in self._reported:
+            self._reported.add(name)
+            stage_done(name, seconds, self.progress)
 
     def sample_rows(self) -> list[Row]:
         """The seeded sample of training rows whose activations the collect stage stores."""

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from sauce_export.architectures import site_module_name
 from sauce_export.data import Concept, Row
@@ -24,6 +23,7 @@ from sauce_export.edit import Edit
 from sauce_export.evaluate.metrics import metric_rows
 from sauce_export.hooks import hidden_of
 from sauce_export.lm import LoadedModel, batches
+from sauce_export.progress import track
 
 Context = Callable[[], AbstractContextManager[Any]]
 
@@ -120,13 +120,7 @@ def fidelity(
     kl_sum = agree = n_answer = 0.0
     cos_sum = n_tokens = act_sum = 0.0
     total = (len(rows) + batch_size - 1) // batch_size
-    for batch in tqdm(
-        batches(lm, rows, batch_size),
-        total=total,
-        desc=f"fidelity {candidate.name}",
-        disable=not progress,
-        leave=False,
-    ):
+    for batch in track(batches(lm, rows, batch_size), f"fidelity {candidate.name}", progress, total):
         ref_logp, ref_h = _run(reference, batch.inputs, edit.site)
         logp, h = _run(candidate, batch.inputs, edit.site)
         answer = batch.answer_mask

@@ -74,3 +74,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path, tiny_ll
 
     assert main(["--quiet", "run", str(path), "--out", str(out)]) in (0, 1)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_recipe(tiny_world: Path, tiny_llava_dir: Path) -> dict:
+    """The cheapest full recipe (one concept, one SAE epoch) for tests that run `run` in a subprocess."""
+    persons = json.loads((tiny_world / "world.json").read_text())["persons"]
+    return {
+        "model": str(tiny_llava_dir),
+        "site": "layers.1",
+        "concepts": [{"kind": "person", "name": persons[0]["name"]}],
+        "data": {"train": str(tiny_world / "train.jsonl"), "eval": str(tiny_world / "eval.jsonl")},
+        "collect": {"max_rows": 40, "batch_size": 16},
+        "sae": {"expansion": 2, "k": 8, "epochs": 1},
+        "select": {"top_n": 2},
+        "eval": {"batch_size": 64, "fidelity_rows": 8},
+        "fold": {"calib_rows": 24, "refine_steps": 2},
+    }

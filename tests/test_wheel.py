@@ -10,7 +10,6 @@ requirements against those with ``--no-index``, so nothing is downloaded or copi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -71,7 +70,7 @@ def _fresh_venv(tmp: Path, wheel: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_wheel_installs_and_runs_with_card(tmp_path: Path, tiny_world: Path, tiny_llava_dir: Path) -> None:
+def test_wheel_installs_and_runs_with_card(tmp_path: Path, small_recipe: dict) -> None:
     wheel = _build_wheel(tmp_path)
     assert "sauce_export/model_cards/default.md" in zipfile.ZipFile(wheel).namelist()
     venv = _fresh_venv(tmp_path, wheel)
@@ -86,22 +85,10 @@ def test_wheel_installs_and_runs_with_card(tmp_path: Path, tiny_world: Path, tin
         check=True,
         capture_output=True,
         text=True,
-    ).stdout
+    ).stdout.strip()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where
 
-    persons = json.loads((tiny_world / "world.json").read_text())["persons"]
-    recipe = {
-        "model": str(tiny_llava_dir),
-        "site": "layers.1",
-        "concepts": [{"kind": "person", "name": persons[0]["name"]}],
-        "data": {"train": str(tiny_world / "train.jsonl"), "eval": str(tiny_world / "eval.jsonl")},
-        "collect": {"max_rows": 40, "batch_size": 16},
-        "sae": {"expansion": 2, "k": 8, "epochs": 1},
-        "select": {"top_n": 2},
-        "eval": {"batch_size": 64, "fidelity_rows": 8},
-        "fold": {"calib_rows": 24, "refine_steps": 2},
-    }
-    (elsewhere / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (elsewhere / "recipe.yaml").write_text(yaml.safe_dump(small_recipe))
     done = subprocess.run(
         [venv / "bin" / "sauce-export", "--quiet", "run", "recipe.yaml", "--out", "run"],
         cwd=elsewhere,
@@ -111,5 +98,5 @@ def test_wheel_installs_and_runs_with_card(tmp_path: Path, tiny_world: Path, tin
     )
     assert done.returncode in (0, 1), done.stderr  # 1: a gate failed on the untrained tiny model
     card = (elsewhere / "run" / "export" / "model" / "README.md").read_text()
-    assert card.startswith("---\n") and persons[0]["name"] in card
+    assert card.startswith("---\n") and small_recipe["concepts"][0]["name"] in card
     assert "{{" not in card  # every template slot filled

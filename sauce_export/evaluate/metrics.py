@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from sauce_export.data import Concept, Row
 from sauce_export.lm import Batch, LoadedModel, batches, correct
+from sauce_export.progress import track
 
 METRICS = ("forget_acc", "generality_acc", "retain_acc", "interference_acc")
 
@@ -31,9 +31,7 @@ def row_correctness(
     """Row id -> greedy answer exactly right. Hooks active on the model apply (that is the point)."""
     out: dict[str, bool] = {}
     total = (len(rows) + batch_size - 1) // batch_size
-    for batch in tqdm(
-        batches(lm, rows, batch_size), total=total, desc=desc, disable=not progress, leave=False
-    ):
+    for batch in track(batches(lm, rows, batch_size), desc, progress, total):
         ok = correct(lm.model(**batch.inputs).logits, batch)
         out.update({r.id: bool(g) for r, g in zip(batch.rows, ok.tolist(), strict=True)})
     return out

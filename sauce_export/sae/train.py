@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sauce_export.errors import InputError
+from sauce_export.progress import bar
 from sauce_export.sae.model import SAE, SaeConfig, SaeKind
 
 Data = torch.Tensor | Iterable[torch.Tensor]
@@ -257,7 +257,7 @@ def train_sae(
     )
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     mean32 = mean.float()
-    bar = tqdm(total=total, desc=f"train {cfg.kind} SAE {d_in}x{sae.cfg.d_sae}", disable=not progress)
+    counter = bar(total, f"train {cfg.kind} SAE {d_in}x{sae.cfg.d_sae}", progress)
     step = 0
     while step < total:
         for batch in _batches(data, cfg.batch_size, gen):
@@ -282,16 +282,16 @@ def train_sae(
                 since_fired += x.shape[0]
                 since_fired[fired] = 0
             step += 1
-            bar.update()
+            counter.update()
             if step % 10 == 0 or step == total:
-                bar.set_postfix(
+                counter.set_postfix(
                     fvu=f"{fvu.item():.3f}",
                     l0=f"{(f > 0).sum(-1).float().mean().item():.1f}",
                     dead=f"{float(dead.float().mean()):.3f}",
                 )
             if step >= total:
                 break
-    bar.close()
+    counter.close()
     _fold_standardisation(sae, mean, scale)
     return sae, sae_stats(sae, data)
 

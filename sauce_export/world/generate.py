@@ -277,10 +277,9 @@ def build_world(out: Path, config: WorldConfig | None = None, progress: bool = T
     Returns the written files: ``train``, ``eval`` (held-out views and paraphrases), ``validation``
     (new renders for calibration, never evaluated) and ``facts``.
     """
-    from tqdm import tqdm
-
     from sauce_export.data import write_jsonl
     from sauce_export.fsutil import atomic_dir
+    from sauce_export.progress import track
 
     world = World.make(config)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -288,9 +287,7 @@ def build_world(out: Path, config: WorldConfig | None = None, progress: bool = T
         paths: dict[str, str] = {}
         for split in SPLITS:
             scenes = list(world.scenes(split))
-            for image_id, person, event, colour, material, rng in tqdm(
-                scenes, desc=f"render {split}", disable=not progress, leave=False
-            ):
+            for image_id, person, event, colour, material, rng in track(scenes, f"render {split}", progress):
                 pixels = world.render(person, event, colour, material, rng)
                 Image.fromarray((pixels * 255).round().astype(np.uint8)).save(
                     tmp / "images" / f"{image_id}.png"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from sauce_export.data import Row, read_rows
 from sauce_export.fsutil import atomic_dir
 from sauce_export.lm import LoadedModel, answer_length, answer_targets, answer_text, batches, correct
+from sauce_export.progress import bar
 from sauce_export.world.generate import IMAGE_SIZE
 from sauce_export.world.model import (
     CHAT_TEMPLATE,
@@ -137,8 +137,8 @@ def _fit(
     )
     model.train()
     loss_ema = float("nan")
-    bar = tqdm(range(steps), desc=desc)
-    for step in bar:
+    counter = bar(steps, desc)
+    for step in range(steps):
         group = groups[0]
         for g, every in zip(groups[1:], weights[1:], strict=True):
             if every and step % every == every - 1:
@@ -156,8 +156,10 @@ def _fit(
         opt.step()
         sched.step()
         loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
+        counter.update()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            counter.set_postfix(loss=f"{loss_ema:.4f}")
+    counter.close()
     if probe is not None:
         probe.handle.remove()
     model.eval()
