@@ -733,7 +733,12 @@ def write_peft_adapter(
         tensors[f"base_model.model.{d.module}.lora_A.weight"] = d.A.contiguous()
         tensors[f"base_model.model.{d.module}.lora_B.weight"] = d.B.contiguous()
     with atomic_dir(out, overwrite) as tmp:
-        config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
+        # What config.save_pretrained writes, but with its sets (target_modules) sorted: peft dumps
+        # them in hash order, which differs between runs (PYTHONHASHSEED).
+        fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+        (tmp / "adapter_config.json").write_text(
+            json.dumps({**fields, "auto_mapping": auto_mapping}, indent=2, sort_keys=True)
+        )
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         files = [{"name": p.name, **_file_record(p)} for p in sorted(tmp.iterdir())]
     ranks = {d.module: d.rank for d in patch.deltas}

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from sauce_export.export import (
     read_safetensors_header,
     write_peft_adapter,
 )
+from sauce_export.fsutil import clear_stale
 from sauce_export.patch import Growth, Patch, WeightDelta
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -692,3 +695,64 @@ def test_truncated_source_is_an_input_error(
     with pytest.raises(InputError, match="truncated"):
         export_checkpoint(source, _llama_patch(), tmp_path / "out", progress=False)
     assert _leftovers(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------- reruns and killed runs
+
+
+def _six_module_patch() -> Patch:
+    shapes = {"mlp.down_proj": (32, 64), "mlp.up_proj": (64, 32), "self_attn.o_proj": (32, 32)}
+    return Patch(
+        tuple(
+            _delta(shape, f"model.layers.{layer}.{name}", rank=2, seed=10 * layer + i)
+            for layer in (0, 1)
+            for i, (name, shape) in enumerate(shapes.items())
+        )
+    )
+
+
+def test_peft_adapter_is_byte_identical_between_runs(llama_dir: Path, tmp_path: Path) -> None:
+    """Separate processes with different hash seeds (peft keeps target_modules in a set)."""
+    patch_file = tmp_path / "patch.safetensors"
+    _six_module_patch().save(patch_file)
+    root = Path(__file__).resolve().parent.parent
+    snapshots = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"adapter-{seed}"
+        argv = ["export", "--patch", str(patch_file), "--model", str(llama_dir), "--format", "peft"]
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        cmd = [sys.executable, "-m", "sauce_export.cli", "--quiet", *argv, "--out", str(out)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        snapshots.append(_snapshot(out))
+    assert snapshots[0] == snapshots[1] == snapshots[2]
+    config = json.loads((tmp_path / "adapter-1" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(_six_module_patch().modules)
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    return int(done.stdout)
+
+
+def test_stale_temp_dirs_of_killed_runs_are_removed(llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    export_checkpoint(llama_dir, _llama_patch(), out, progress=False)
+    stale = [f".out.{_dead_pid()}.k3j_x9aa.tmp", ".out.ab12cd34.tmp", ".out.old"]  # dead, legacy, swap
+    kept = [f".out.{os.getpid()}.zzzzzzzz.tmp", ".out.x.12.abcdefgh.tmp", ".outer.1.abcdefgh.tmp"]
+    for name in stale + kept:  # kept: a live writer's, and those of other targets
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    export_checkpoint(llama_dir, _llama_patch(), out, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(kept)
+    check_export(llama_dir, out)
+
+
+def test_swap_killed_between_renames_is_rolled_back(llama_dir: Path, tmp_path: Path) -> None:
+    """Where no atomic exchange exists, a kill between the two renames strands the old output in
+    ``.NAME.old``; the next write to NAME puts it back before anything else."""
+    out = tmp_path / "out"
+    export_checkpoint(llama_dir, _llama_patch(), out, progress=False)
+    before = _snapshot(out)
+    out.rename(tmp_path / ".out.old")
+    clear_stale(out)
+    assert _snapshot(out) == before and _leftovers(out) == ["out"]
