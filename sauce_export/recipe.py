@@ -1,6 +1,6 @@
 """The YAML recipe: dataclasses that validate strictly and double as documentation.
 
-Every field has a docstring-style ``help`` so ``sauce-export recipe-help`` and the README's recipe
+Every field has a docstring-style ``help`` so ``sauce-export recipe-help`` and ``docs/recipe.md``'s
 reference are generated from the same source. Unknown keys, wrong types and missing required
 fields are InputErrors naming the file and the dotted field.
 """

@@ -756,3 +756,62 @@ def test_swap_killed_between_renames_is_rolled_back(llama_dir: Path, tmp_path: P
     out.rename(tmp_path / ".out.old")
     clear_stale(out)
     assert _snapshot(out) == before and _leftovers(out) == ["out"]
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
+    """24 exports of a 3-shard ~50 MB model, each killed at a moment spread over an export's duration
+    (children forked from a forkserver that has imported the exporter, so a child starts at once)."""
+    import multiprocessing
+    import random
+    import time
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    source = tmp_path / "src"
+    LlamaForCausalLM(config).save_pretrained(source, max_shard_size="20MB")
+    assert len(list(source.glob("*.safetensors"))) == 3
+    patches = [Patch((_delta((256, 1024), "model.layers.3.mlp.down_proj", rank=4, seed=s),)) for s in (1, 2)]
+    want = []
+    for i, patch in enumerate(patches):  # the two complete outputs a trial may leave
+        export_checkpoint(source, patch, tmp_path / f"ref-{i}", progress=False)
+        want.append(_snapshot(tmp_path / f"ref-{i}"))
+    assert want[0] != want[1]
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["sauce_export.export"])
+    out = tmp_path / "out"
+
+    def export(patch: Patch) -> multiprocessing.process.BaseProcess:
+        kwargs = {"overwrite": True, "progress": False}
+        child = ctx.Process(target=export_checkpoint, args=(source, patch, out), kwargs=kwargs)
+        child.start()
+        return child
+
+    export(patches[0]).join()  # starts the forkserver
+    start = time.monotonic()
+    export(patches[0]).join()
+    span = 1.3 * (time.monotonic() - start)
+    current, rng, outcomes = 0, random.Random(0), {"old": 0, "new": 0, "killed mid-write": 0}
+    trials = 24
+    for trial in range(trials):
+        target = 1 - current
+        child = export(patches[target])
+        time.sleep(span * (trial + rng.random()) / trials)
+        child.kill()  # SIGKILL
+        child.join()
+        got = _snapshot(out)
+        assert got in (want[current], want[target]), f"trial {trial}: partial or absent output"
+        outcomes["new" if got == want[target] else "old"] += 1
+        outcomes["killed mid-write"] += len(_leftovers(out)) > 1
+        current = want.index(got)
+    print(f"\n{trials} kills over {span:.2f} s: {outcomes}")
+    export(patches[0]).join()
+    assert _snapshot(out) == want[0] and _leftovers(out) == ["out"]
