@@ -340,8 +340,9 @@ def _world(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
 
-    from sauce_export.export import export_checkpoint, write_peft_adapter
+    from sauce_export.export import export_checkpoint
     from sauce_export.patch import Patch
+    from sauce_export.peft_adapter import write_peft_adapter
 
     patch = Patch.load(args.patch)
     if args.format == "peft":

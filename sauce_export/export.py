@@ -1,6 +1,6 @@
-"""Bake a ``Patch`` into a checkpoint on disk, or write it as a PEFT LoRA adapter.
+"""Bake a ``Patch`` into a checkpoint on disk (``peft_adapter`` writes it as a LoRA adapter instead).
 
-The checkpoint writer streams: it never loads the model. Weight files the patch does not touch, and
+The writer streams: it never loads the model. Weight files the patch does not touch, and
 every non-weight file, are copied byte for byte by the kernel (``copy_file_range``) while a second
 thread hashes the same bytes from the source; a touched safetensors file is rewritten with the
 source's byte layout (same header entries in the same order, only the touched tensors' bytes
@@ -18,40 +18,38 @@ import hashlib
 import json
 import math
 import os
-import re
-import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
 from sauce_export.architectures import disk_key_in
-from sauce_export.errors import InputError, unpickling_problem
+from sauce_export.errors import InputError
 from sauce_export.fsutil import atomic_dir
 from sauce_export.hf_config import read_config
+from sauce_export.layout import (
+    FLOAT_DTYPES,
+    PICKLE_INDEX,
+    SAFETENSORS_INDEX,
+    ExportCheckError,
+    Layout,
+    TensorSpec,
+    check_export,
+    file_record,
+    read_layout,
+    read_safetensors_header,
+    safetensors_header_bytes,
+    torch_load,
+)
 from sauce_export.patch import Growth, Patch, WeightDelta
 from sauce_export.progress import Counter, bar
 
 Change = tuple[WeightDelta | Growth, str]  # (what, "weight" | "bias" | "grow")
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
-_FLOAT_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-_CHUNK = 16 << 20  # hashing a file already written (pickle rewrites, adapters)
 _HASH_CHUNK = 1 << 20  # the hash thread's buffer: small enough to stay in L2 between read and hash
 _COPY_CHUNK = 256 << 20  # bytes per kernel copy call (progress granularity)
 _READ_CHUNK = 8 << 20  # the user-space fallback copy
@@ -63,140 +61,11 @@ _NO_KERNEL_COPY = {
 _SKIP_DIRS = {".git"}  # a git clone's LFS objects are a second, unpatched copy of the weights
 
 
-class ExportCheckError(RuntimeError):
-    """An exported checkpoint's tensors differ from the source's in name, shape, dtype or file."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    file: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass
-class Layout:
-    """The weight files of a checkpoint directory and the tensors each holds."""
-
-    kind: str  # "safetensors" or "pickle"
-    files: list[str]
-    tensors: dict[str, TensorSpec] = field(default_factory=dict)
-    stale: list[str] = field(default_factory=list)  # pickle weights shadowed by safetensors: not exported
-
-
-# --------------------------------------------------------------------------- reading a checkpoint
-
-
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """``(data_start, header)`` of a safetensors file, read without touching its data."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise InputError(str(path), "header", "not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(str(path), "header", f"not a safetensors file ({err})") from None
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        raise InputError(str(path), "header", "not a safetensors file (malformed tensor entries)") from None
-    if 8 + n + end > size:
-        raise InputError(str(path), "data", f"file is truncated ({size} bytes, its header needs more)")
-    return 8 + n, header
-
-
-def safetensors_header_bytes(header: dict[str, Any]) -> bytes:
-    """Length prefix + JSON header, space-padded so the data starts 8-byte aligned (as safetensors does)."""
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A pickle state dict, loaded with ``weights_only=True`` (memory-mapped where the format allows)."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        problem = unpickling_problem(err)
-        raise InputError(
-            str(path), "weights", f"cannot be loaded with weights_only=True ({problem})"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(str(path), "weights", "is not a state dict of tensors")
-    return state
-
-
-def _index_files(directory: Path, index_name: str) -> list[str]:
-    try:
-        weight_map = json.loads((directory / index_name).read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(str(directory / index_name), "weight_map", f"unreadable index ({err})") from None
-    files = sorted(set(weight_map.values()))
-    for name in files:
-        if not (directory / name).is_file():
-            raise InputError(str(directory / name), "shard", f"named by {index_name} but missing")
-    return files
-
-
-def read_layout(directory: Path, allow_pickle: bool = False) -> Layout:
-    """Find the weight files the way transformers does: safetensors first, pickle only if allowed."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(str(directory), "model", "is not a directory")
-    names = sorted(p.name for p in directory.iterdir() if p.is_file())
-    pickles = [n for n in names if re.fullmatch(r"pytorch_model.*\.bin", n)]
-    pt_files = [n for n in names if n.endswith(".pt")]
-    sharded_st = [n for n in names if _SHARD.match(n) and n.endswith(".safetensors")]
-    sharded_pt = [n for n in names if _SHARD.match(n) and n.endswith(".bin")]
-    if SAFETENSORS in names:
-        files = [SAFETENSORS]
-    elif SAFETENSORS_INDEX in names:
-        files = _index_files(directory, SAFETENSORS_INDEX)
-    elif sharded_st:
-        raise InputError(str(directory), SAFETENSORS_INDEX, f"missing, but shards {sharded_st} are here")
-    elif not pickles + pt_files:
-        raise InputError(str(directory), "weights", "no model.safetensors, index or pickle weights here")
-    elif not allow_pickle:
-        found = pickles + pt_files
-        raise InputError(
-            str(directory), "weights", f"only pickle weights {found}; pass --allow-pickle to load them"
-        )
-    elif PICKLE_INDEX in names:
-        files = _index_files(directory, PICKLE_INDEX)
-    elif PICKLE in names:
-        files = [PICKLE]
-    elif sharded_pt:
-        raise InputError(str(directory), PICKLE_INDEX, f"missing, but shards {sharded_pt} are here")
-    elif pickles:
-        files = pickles
-    else:
-        files = pt_files
-
-    if files[0].endswith(".safetensors"):
-        layout = Layout("safetensors", files, stale=pickles)
-        for name in files:
-            _, header = read_safetensors_header(directory / name)
-            for key, info in header.items():
-                if key != "__metadata__":
-                    layout.tensors[key] = TensorSpec(name, tuple(info["shape"]), info["dtype"])
-        return layout
-    layout = Layout("pickle", files)
-    for name in files:
-        for key, t in _torch_load(directory / name).items():
-            layout.tensors[key] = TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
-    return layout
-
-
 # --------------------------------------------------------------------------- planning the edit
 
 
-def _check_factors(delta: WeightDelta) -> None:
+def check_factors(delta: WeightDelta) -> None:
+    """A delta whose factors are finite and multiply (B: out x r, A: r x in); also used for adapters."""
     for name, t in (("B", delta.B), ("A", delta.A), ("bias", delta.bias)):
         if t is not None and not torch.isfinite(t).all():
             raise InputError("patch", f"{delta.module}.{name}", "contains NaN or Inf")
@@ -207,13 +76,13 @@ def _check_factors(delta: WeightDelta) -> None:
 
 def _itemsize(dtype: str) -> int:
     """Bytes per element of a safetensors ("BF16") or torch ("bfloat16") dtype name."""
-    found = _FLOAT_DTYPES.get(dtype) or getattr(torch, dtype)
+    found = FLOAT_DTYPES.get(dtype) or getattr(torch, dtype)
     return found.itemsize
 
 
 def _check_float(spec: TensorSpec, where: str, key: str) -> None:
     """Quantized or integer tensors cannot take a float delta without changing their format."""
-    dtype = _FLOAT_DTYPES.get(spec.dtype) or getattr(torch, spec.dtype, None)
+    dtype = FLOAT_DTYPES.get(spec.dtype) or getattr(torch, spec.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(where, key, f"cannot patch a {spec.dtype} tensor (floating point only)")
 
@@ -223,7 +92,7 @@ def plan_edits(source: Path, layout: Layout, config: PretrainedConfig, patch: Pa
     where = str(source)
     edits: dict[str, Change] = {}
     for delta in patch.deltas:
-        _check_factors(delta)
+        check_factors(delta)
         prefix = disk_key_in(layout.tensors.keys(), config, delta.module, where)  # type: ignore[arg-type]
         parts = [("weight", list(delta.shape))]
         if delta.bias is not None:
@@ -442,12 +311,12 @@ def _updated_json(path: Path, updates: dict[str, Any]) -> bytes:
 def _rewrite_pickle(
     src_path: Path, dst_path: Path, edits: dict[str, Change], counter: Counter
 ) -> dict[str, Any]:
-    state = _torch_load(src_path)
+    state = torch_load(src_path)
     with torch.no_grad():
         for key in edits.keys() & state.keys():
             state[key] = _patched(state[key], *edits[key])
     torch.save(state, dst_path)
-    record = _file_record(dst_path)
+    record = file_record(dst_path)
     counter.update(record["bytes"])
     return record
 
@@ -633,132 +502,11 @@ def export_checkpoint(
     }
 
 
-def check_export(
-    source: Path, out: Path, *, allow_pickle: bool = True, changed: dict[str, tuple[int, ...]] | None = None
-) -> None:
-    """Raise ``ExportCheckError`` unless ``out`` holds the same tensors (name, shape, dtype, file) as
-    ``source``, except the new shapes ``changed`` that the patch is meant to give (grown weights)."""
-    want = read_layout(Path(source), allow_pickle).tensors
-    for key, shape in (changed or {}).items():
-        if key not in want:
-            raise ExportCheckError(f"{source}: {key} is to change shape but is not in the source")
-        want[key] = TensorSpec(want[key].file, tuple(shape), want[key].dtype)
-    try:
-        got = read_layout(Path(out), allow_pickle).tensors
-    except (InputError, OSError, ValueError, KeyError) as err:
-        raise ExportCheckError(f"{out}: cannot read the exported weights: {err}") from None
-    problems = [f"dropped {k}" for k in want.keys() - got.keys()]
-    problems += [f"added {k}" for k in got.keys() - want.keys()]
-    problems += [f"{k}: {want[k]} -> {got[k]}" for k in want.keys() & got.keys() if want[k] != got[k]]
-    if problems:
-        shown = "; ".join(sorted(problems)[:8]) + ("; ..." if len(problems) > 8 else "")
-        raise ExportCheckError(f"{out} does not match {source}: {len(problems)} problem(s): {shown}")
-
-
-# --------------------------------------------------------------------------- PEFT adapter
-
-
-def _meta_model(base_model: str) -> torch.nn.Module:
-    """The base model's task class built on the meta device: module types and shapes, no weights."""
-    import transformers
-
-    config = read_config(base_model, base_model)
-    archs = [getattr(transformers, a, None) for a in (config.architectures or [])]
-    cls = next((a for a in archs if a is not None), transformers.AutoModelForCausalLM)
-    with torch.device("meta"):
-        return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
-
-
-def _check_lora_delta(model: torch.nn.Module, delta: WeightDelta, base_model: str, max_rank: int) -> None:
-    """What vLLM serves: a weight-only change of an ``nn.Linear`` with rank <= max_rank."""
-    _check_factors(delta)
-    if delta.bias is not None:
-        raise InputError("patch", f"{delta.module}.bias", "a LoRA adapter cannot carry a bias change")
-    try:
-        module = model.get_submodule(delta.module)
-    except AttributeError:
-        raise InputError(base_model, delta.module, "the base model has no such module") from None
-    if not isinstance(module, torch.nn.Linear):
-        kind = type(module).__name__
-        raise InputError("patch", delta.module, f"is {kind}, not Linear; vLLM serves LoRA on Linear only")
-    if tuple(module.weight.shape) != delta.shape:
-        got, want = list(module.weight.shape), list(delta.shape)
-        raise InputError(base_model, delta.module, f"weight shape {got} != patch shape {want}")
-    if not 1 <= delta.rank <= max_rank:
-        raise InputError("patch", delta.module, f"rank {delta.rank} is not in 1..{max_rank}")
-
-
-def write_peft_adapter(
-    patch: Patch, base_model: str, out: Path, *, overwrite: bool = False, max_rank: int = 16
-) -> dict[str, Any]:
-    """A LoRA adapter (``lora_B @ lora_A`` = the patch, scaling 1) within what vLLM serves.
-
-    Key names and config fields are those ``get_peft_model(...).save_pretrained`` writes (peft 0.21):
-    ``base_model.model.{module}.lora_{A,B}.weight`` and a ``LoraConfig`` with full module names.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(str(out), "output", "already exists (pass --overwrite to replace it)")
-    if patch.grows:
-        raise InputError(
-            "patch",
-            "grows",
-            f"a {patch.description.get('method', 'gated')} fold adds neurons; a LoRA adapter "
-            "can only carry low-rank changes of existing weights (use fold.method: lora for --format peft)",
-        )
-    if not patch.deltas:
-        raise InputError("patch", "modules", "the patch is empty")
-    model = _meta_model(base_model)
-    for delta in patch.deltas:
-        _check_lora_delta(model, delta, base_model, max_rank)
-    auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-
-    from peft import LoraConfig
-
-    r = max(d.rank for d in patch.deltas)
-    other = {d.module: d.rank for d in patch.deltas if d.rank != r}
-    config = LoraConfig(
-        r=r,
-        lora_alpha=r,  # scaling = alpha / r = 1, and per module through alpha_pattern
-        target_modules=patch.modules,
-        rank_pattern=other,
-        alpha_pattern=dict(other),
-        lora_dropout=0.0,
-        bias="none",
-        base_model_name_or_path=base_model,
-        inference_mode=True,
-    )
-    tensors: dict[str, torch.Tensor] = {}
-    for d in patch.deltas:
-        tensors[f"base_model.model.{d.module}.lora_A.weight"] = d.A.contiguous()
-        tensors[f"base_model.model.{d.module}.lora_B.weight"] = d.B.contiguous()
-    with atomic_dir(out, overwrite) as tmp:
-        # What config.save_pretrained writes, but with its sets (target_modules) sorted: peft dumps
-        # them in hash order, which differs between runs (PYTHONHASHSEED).
-        fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-        (tmp / "adapter_config.json").write_text(
-            json.dumps({**fields, "auto_mapping": auto_mapping}, indent=2, sort_keys=True)
-        )
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        files = [{"name": p.name, **_file_record(p)} for p in sorted(tmp.iterdir())]
-    ranks = {d.module: d.rank for d in patch.deltas}
-    return {"path": str(out), "files": files, "ranks": ranks}
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": sha.hexdigest()}
-
-
 __all__ = [
     "ExportCheckError",
     "check_export",
     "export_checkpoint",
     "read_layout",
+    "read_safetensors_header",
     "safetensors_header_bytes",
-    "write_peft_adapter",
 ]

@@ -47,7 +47,7 @@ def read_provenance(directory: Path) -> dict[str, Any]:
     """``{path, safetensors: {file: entries | None}, card: metadata | None}``; InputError if none."""
     from huggingface_hub import ModelCard
 
-    from sauce_export.export import read_safetensors_header
+    from sauce_export.layout import read_safetensors_header
 
     directory = Path(directory)
     if not directory.is_dir():

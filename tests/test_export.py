@@ -33,10 +33,10 @@ from sauce_export.export import (
     export_checkpoint,
     read_layout,
     read_safetensors_header,
-    write_peft_adapter,
 )
 from sauce_export.fsutil import clear_stale
 from sauce_export.patch import Growth, Patch, WeightDelta
+from sauce_export.peft_adapter import write_peft_adapter
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 INDEX = "model.safetensors.index.json"
@@ -760,8 +760,9 @@ def test_swap_killed_between_renames_is_rolled_back(llama_dir: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
-    """24 exports of a 3-shard ~50 MB model, each killed at a moment spread over an export's duration
-    (children forked from a forkserver that has imported the exporter, so a child starts at once)."""
+    """24 exports of a 3-shard ~50 MB model killed with SIGKILL: half at moments spread over the write
+    phase (from the temp directory's appearance to a little after the swap), half as early after
+    the start (children forked from a forkserver that has imported the exporter)."""
     import multiprocessing
     import random
     import time
@@ -795,16 +796,27 @@ def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
         child.start()
         return child
 
+    def started_writing(child: multiprocessing.process.BaseProcess) -> float:
+        """Seconds until the child's temp directory appears (or it ends)."""
+        start = time.monotonic()
+        while child.is_alive() and len(_leftovers(out)) < 2:
+            time.sleep(0.0005)
+        return time.monotonic() - start
+
     export(patches[0]).join()  # starts the forkserver
+    child = export(patches[0])
+    started_writing(child)
     start = time.monotonic()
-    export(patches[0]).join()
-    span = 1.3 * (time.monotonic() - start)
-    current, rng, outcomes = 0, random.Random(0), {"old": 0, "new": 0, "killed mid-write": 0}
+    child.join()
+    write_s = time.monotonic() - start
+    rng, current, outcomes = random.Random(0), 0, {"old": 0, "new": 0, "killed mid-write": 0}
     trials = 24
     for trial in range(trials):
         target = 1 - current
         child = export(patches[target])
-        time.sleep(span * (trial + rng.random()) / trials)
+        if trial % 2:  # at a moment of the write phase (or just after it)
+            started_writing(child)
+        time.sleep(1.5 * write_s * (trial // 2 + rng.random()) / (trials // 2))
         child.kill()  # SIGKILL
         child.join()
         got = _snapshot(out)
@@ -812,6 +824,6 @@ def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
         outcomes["new" if got == want[target] else "old"] += 1
         outcomes["killed mid-write"] += len(_leftovers(out)) > 1
         current = want.index(got)
-    print(f"\n{trials} kills over {span:.2f} s: {outcomes}")
+    print(f"\n{trials} kills, writing takes {write_s:.2f} s: {outcomes}")
     export(patches[0]).join()
     assert _snapshot(out) == want[0] and _leftovers(out) == ["out"]

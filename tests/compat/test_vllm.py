@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from sauce_export.export import write_peft_adapter
 from sauce_export.patch import Patch
+from sauce_export.peft_adapter import write_peft_adapter
 from tests.compat.parity import compare_greedy, greedy_reference
 
 pytestmark = pytest.mark.compat
