@@ -760,9 +760,9 @@ def test_swap_killed_between_renames_is_rolled_back(llama_dir: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
-    """24 exports of a 3-shard ~50 MB model killed with SIGKILL: half at moments spread over the write
-    phase (from the temp directory's appearance to a little after the swap), half as early after
-    the start (children forked from a forkserver that has imported the exporter)."""
+    """24 exports of a 3-shard ~50 MB model killed with SIGKILL: half timed from the temp directory's
+    appearance (the write phase, its swap and after), half spread over start-up and writing
+    (children forked from a forkserver that has imported the exporter)."""
     import multiprocessing
     import random
     import time
@@ -796,16 +796,19 @@ def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
         child.start()
         return child
 
+    def writing(child: multiprocessing.process.BaseProcess) -> bool:
+        return any(p.name.startswith(f".out.{child.pid}.") for p in tmp_path.iterdir())
+
     def started_writing(child: multiprocessing.process.BaseProcess) -> float:
         """Seconds until the child's temp directory appears (or it ends)."""
         start = time.monotonic()
-        while child.is_alive() and len(_leftovers(out)) < 2:
+        while child.is_alive() and not writing(child):
             time.sleep(0.0005)
         return time.monotonic() - start
 
     export(patches[0]).join()  # starts the forkserver
     child = export(patches[0])
-    started_writing(child)
+    startup = started_writing(child)
     start = time.monotonic()
     child.join()
     write_s = time.monotonic() - start
@@ -814,16 +817,19 @@ def test_sigkill_leaves_old_or_complete_new_output(tmp_path: Path) -> None:
     for trial in range(trials):
         target = 1 - current
         child = export(patches[target])
-        if trial % 2:  # at a moment of the write phase (or just after it)
+        if trial % 2:  # from the temp directory's appearance: 0.003x to 3x the write time, log-spaced
             started_writing(child)
-        time.sleep(1.5 * write_s * (trial // 2 + rng.random()) / (trials // 2))
+            delay = 3 * write_s * 0.001 ** (1 - (trial // 2 + rng.random()) / (trials // 2))
+        else:  # at a moment of the start-up or the write phase
+            delay = (startup + write_s) * (trial // 2 + rng.random()) / (trials // 2)
+        time.sleep(delay)
         child.kill()  # SIGKILL
         child.join()
         got = _snapshot(out)
         assert got in (want[current], want[target]), f"trial {trial}: partial or absent output"
         outcomes["new" if got == want[target] else "old"] += 1
-        outcomes["killed mid-write"] += len(_leftovers(out)) > 1
+        outcomes["killed mid-write"] += writing(child)
         current = want.index(got)
-    print(f"\n{trials} kills, writing takes {write_s:.2f} s: {outcomes}")
+    print(f"\n{trials} kills (start-up {startup:.2f} s, writing {write_s:.2f} s): {outcomes}")
     export(patches[0]).join()
     assert _snapshot(out) == want[0] and _leftovers(out) == ["out"]
