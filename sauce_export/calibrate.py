@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 from sauce_export.data import Concept, Row
 from sauce_export.edit import Edit
 from sauce_export.errors import CalibrationFailed
@@ -33,6 +31,7 @@ from sauce_export.evaluate.metrics import (
     summary_score,
 )
 from sauce_export.lm import Batch, LoadedModel, batches
+from sauce_export.progress import track
 from sauce_export.sae.model import SAE
 from sauce_export.select import union_clamps, union_features
 
@@ -247,7 +246,7 @@ class Validation:
         best: tuple[Point, float] | None = None
         table: list[dict[str, Any]] = []
         tried: set[tuple[int, ...]] = set()
-        for n, method in tqdm(pairs, desc=f"calibrate {concept}", disable=not self.progress, leave=False):
+        for n, method in track(pairs, f"calibrate {concept}", self.progress):
             if best is not None and n > best[0].size:
                 break  # every later point is larger than the best one
             features = tuple(ranked[method][:n])

@@ -16,7 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers import __version__ as transformers_version
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from sauce_export.errors import InputError
+from sauce_export.errors import InputError, first_line
 
 NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False}
 """Keyword arguments for every ``from_pretrained``: never prompt, never import a model's code."""
@@ -66,8 +66,8 @@ def read_config(model: str | Path, where: str = "model") -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(model), **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as err:
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else type(err).__name__
         raise InputError(
-            where, "model", f"cannot load the config of {str(model)!r} (offline or missing files: {first})"
+            where,
+            "model",
+            f"cannot load the config of {str(model)!r} (offline or missing files: {first_line(err)})",
         ) from None

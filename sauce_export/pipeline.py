@@ -69,6 +69,7 @@ class Run:
         self._ranked: dict[str, dict[str, list[int]]] | None = None
         self._choices: dict[str, dict[str, Any]] | None = None
         self._placement: Placement | None = None
+        self._split: tuple[list[Row], list[Row]] | None = None
         self._reported: set[str] = set()
 
     # ------------------------------------------------------------------ inputs
@@ -102,11 +103,15 @@ class Run:
         return self._rows_cache[path]
 
     def _split_train(self) -> tuple[list[Row], list[Row]]:
-        """(train, validation): ``data.validation`` when given, else a carve-out of ``data.train``."""
-        data = self.recipe.data
-        if data.validation:
-            return self._rows(data.train), self._rows(data.validation)
-        return hold_out(self._rows(data.train), data.validation_share)
+        """(train, validation): ``data.validation`` when given, else a carve-out of ``data.train``
+        (computed once per Run: every stage that reads training rows asks for it)."""
+        if self._split is None:
+            data = self.recipe.data
+            if data.validation:
+                self._split = self._rows(data.train), self._rows(data.validation)
+            else:
+                self._split = hold_out(self._rows(data.train), data.validation_share)
+        return self._split
 
     @property
     def train_rows(self) -> list[Row]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import PretrainedConfig
 
+from sauce_export.architectures import text_config
 from sauce_export.errors import InputError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -80,7 +81,7 @@ def resolve_device(name: str, where: str) -> torch.device:
 
 def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
     """The dtype ``config.json`` records (top level, else the text model's); float32 when it says none."""
-    for cfg in (config, getattr(config, "text_config", None) or config):
+    for cfg in (config, text_config(config)):
         value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
         if isinstance(value, torch.dtype):
             return value
