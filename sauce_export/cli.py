@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--out", type=Path, default=Path("data/world"), help="output directory (default data/world)"
     )
+    build.add_argument(
+        "--kind",
+        choices=("vlm", "text"),
+        default="vlm",
+        help="vlm: images and QA for the demo VLM; text: the person facts of models/world-llama as "
+        "train/validation/eval files (docs/generalize.md)",
+    )
     add_dataclass_args(build, WorldConfig)
     train = world_sub.add_parser(
         "train", help="train the demo VLM and text model on a built world (CPU, minutes)"
@@ -325,6 +332,12 @@ def _world(args: argparse.Namespace) -> int:
     from sauce_export.world.generate import WorldConfig, build_world
     from sauce_export.world.train import WorldTrainConfig, train_world_models
 
+    if args.world_command == "build" and args.kind == "text":
+        from sauce_export.world.facts import build_text_world
+
+        files = build_text_world(args.out, args.seed)
+        print(json.dumps({k: str(v) for k, v in files.items()}))
+        return 0
     if args.world_command == "build":
         files = build_world(args.out, from_args(WorldConfig, args), progress=not args.quiet)
         print(json.dumps({k: str(v) for k, v in files.items()}))

@@ -177,7 +177,7 @@ def setting_rows(
     forget, retain = forget_retain_rows(train_rows, concepts)
     names = ", ".join(map(str, concepts))
     if not forget:
-        problem = f"no split 'train' question about {names} (question_kind = kind, labels[kind] = name)"
+        problem = f"no split 'train' question about {names} (about = kind, labels[kind] = name)"
         raise InputError(recipe.data.train, "labels", f"{problem}: the baselines have nothing to forget")
     if not retain:
         problem = f"no split 'train' rows besides the questions about {names}"

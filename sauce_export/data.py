@@ -7,10 +7,16 @@ A row::
      "answer": "Zorvak",                          # the expected (greedy, exact) answer
      "labels": {"person": "Zorvak", "event": "concert"},   # concept kind -> concept name
      "question_kind": "person",                   # which label the question asks about
+     "about": "person",                           # optional: the label kind whose entity the
+                                                  # question is about (default: question_kind)
      "split": "train"}                            # train | heldout_view | heldout_paraphrase | ...
 
 A concept is a ``(kind, name)`` pair: its positives are rows whose ``labels[kind] == name``, its
 negatives the other rows. Concept sets, calibration data and evaluation sets are all such files.
+A fact question ("What job does Lumrax have?") has ``question_kind`` "profession" but is *about*
+the person: with ``"about": "person"`` removing ``person:Lumrax`` forgets every attribute of
+Lumrax, while a question of another kind that merely involves Lumrax (an event Lumrax organises,
+asked by the event's name) measures interference.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class Row:
     labels: dict[str, str] = field(default_factory=dict, hash=False)
     question_kind: str = ""
     split: str = ""
+    about: str = ""
+    """The label kind whose entity the question is about (JSONL ``about``); empty: question_kind."""
+
+    @property
+    def subject(self) -> str:
+        """The label kind the question is about: ``about`` where set, else ``question_kind``."""
+        return self.about or self.question_kind
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,10 @@ class Concept:
 
     def matches(self, row: Row) -> bool:
         return row.labels.get(self.kind) == self.name
+
+    def asked_by(self, row: Row) -> bool:
+        """The row asks about this concept's entity itself (a forget question), not just involves it."""
+        return row.subject == self.kind and self.matches(row)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> None:
@@ -86,6 +103,10 @@ def read_rows(path: Path | str) -> list[Row]:
             labels = raw.get("labels") or {}
             if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
                 raise InputError(where, "labels", "must be an object of string labels")
+            question_kind = str(raw.get("question_kind", ""))
+            about = raw.get("about", question_kind)
+            if not isinstance(about, str) or (about != question_kind and about not in labels):
+                raise InputError(where, "about", "must be question_kind or a key of labels")
             image = raw.get("image")
             image_path = None
             if image is not None:
@@ -100,8 +121,9 @@ def read_rows(path: Path | str) -> list[Row]:
                     answer=raw["answer"],
                     image=image_path,
                     labels=labels,
-                    question_kind=str(raw.get("question_kind", "")),
+                    question_kind=question_kind,
                     split=str(raw.get("split", "")),
+                    about=about,
                 )
             )
     if not rows:

@@ -116,8 +116,8 @@ def calibration_rows(rows: Sequence[Row], concepts: Sequence[Concept], n: int, s
     chosen: dict[str, Row] = {}
     for concept in concepts:
         mine = [r for r in pos if concept.matches(r)]
-        asks = [r for r in mine if r.question_kind == concept.kind]
-        others = [r for r in mine if r.question_kind != concept.kind]
+        asks = [r for r in mine if concept.asked_by(r)]
+        others = [r for r in mine if not concept.asked_by(r)]
         share = half // len(concepts)
         picked = rng.sample(asks, min(share // 2, len(asks)))
         picked += rng.sample(others, min(share - len(picked), len(others)))

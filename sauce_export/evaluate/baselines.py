@@ -57,7 +57,7 @@ def forget_retain_rows(rows: Sequence[Row], concepts: Sequence[Concept]) -> tupl
     train = [r for r in rows if r.split == "train"]
 
     def forgets(r: Row) -> bool:
-        return any(r.question_kind == c.kind and c.matches(r) for c in concepts)
+        return any(c.asked_by(r) for c in concepts)
 
     images = any(forgets(r) and r.image is not None for r in train)
     train = [r for r in train if (r.image is not None) == images]

@@ -1,11 +1,14 @@
 """PEBench-style metrics from per-row exact-answer correctness.
 
-For a removed concept ``(kind, name)`` on the evaluation rows:
-- forget_acc: questions about ``kind`` whose answer is the target, forget split (lower is better);
+For a removed concept ``(kind, name)`` on the evaluation rows (a row is *about* ``kind`` when its
+``subject`` - JSONL ``about``, default ``question_kind`` - is ``kind``):
+- forget_acc: questions about the target itself, forget split (lower is better): "Who is this?" on
+  the target's images, or every attribute of a person in a fact world ("What job does P have?");
 - generality_acc: the same on held-out paraphrases;
-- retain_acc: questions about ``kind`` whose answer is another concept of that kind;
-- interference_acc: questions about the *other* kinds in the target's own images
-  (e.g. the event when a person is forgotten) - PEBench's cross-concept Scope.
+- retain_acc: questions about another concept of that kind;
+- interference_acc: questions about *other* kinds that involve the target (``labels[kind]`` is it),
+  in the forget rows' modality: the event in the target's own images (PEBench's cross-concept
+  Scope), or on a text model the text questions about an event the target organises.
 
 When one run removes several concepts at once, retain and interference leave out questions whose
 answer is itself a removed concept: those measure that concept's forgetting, not collateral damage.
@@ -60,32 +63,30 @@ def metric_rows(
     """
     k = concept.kind
     others = [c for c in removed if c != concept]
+    # Interference stays in the forget questions' modality: a VLM world's text facts measure utility.
+    images = any(r.image is not None for r in rows if concept.asked_by(r))
 
     def in_split(r: Row, split: str | None) -> bool:
         return split is None or r.split == split
 
     def asks_removed(r: Row) -> bool:
-        return any(r.question_kind == c.kind and c.matches(r) for c in others)
+        return any(c.asked_by(r) for c in others)
 
     selection = {
-        "forget_acc": [
-            r for r in rows if in_split(r, forget_split) and r.question_kind == k and concept.matches(r)
-        ],
-        "generality_acc": [
-            r for r in rows if in_split(r, generality_split) and r.question_kind == k and concept.matches(r)
-        ],
+        "forget_acc": [r for r in rows if in_split(r, forget_split) and concept.asked_by(r)],
+        "generality_acc": [r for r in rows if in_split(r, generality_split) and concept.asked_by(r)],
         "retain_acc": [
             r
             for r in rows
-            if in_split(r, forget_split) and r.question_kind == k and k in r.labels and not concept.matches(r)
+            if in_split(r, forget_split) and r.subject == k and k in r.labels and not concept.matches(r)
         ],
         "interference_acc": [
             r
             for r in rows
             if in_split(r, forget_split)
-            and r.question_kind != k
+            and r.subject != k
             and concept.matches(r)
-            and r.image is not None
+            and (r.image is not None) == images
         ],
     }
     for name in ("retain_acc", "interference_acc"):
@@ -101,9 +102,15 @@ def concept_metrics(correctness: dict[str, bool], selection: dict[str, list[Row]
 
 
 def chance_accuracy(rows: Sequence[Row], kind: str) -> float:
-    """1 / number of distinct answers to questions about ``kind`` (uniform guessing)."""
-    answers = {r.answer for r in rows if r.question_kind == kind}
-    return 1.0 / max(1, len(answers))
+    """Uniform guessing on the questions about ``kind``: the mean over them of 1 / the number of
+    distinct answers to the row's question kind (a person's facts mix professions, towns, hobbies)."""
+    answers: dict[str, set[str]] = {}
+    for r in rows:
+        answers.setdefault(r.question_kind, set()).add(r.answer)
+    about = [r for r in rows if r.subject == kind]
+    if not about:
+        return 1.0
+    return sum(1.0 / len(answers[r.question_kind]) for r in about) / len(about)
 
 
 def summary_score(metrics: dict[str, float | None], original: dict[str, float | None]) -> float:
