@@ -39,6 +39,10 @@ _FOLDS = {
     "held-out KL drops.",
     "gated": "new SiLU-gated MLP neurons in the site layer, one per selected latent, whose gate reads the "
     "latent's pre-activation (so a neuron is off where its latent is off), then KL refinement.",
+    "subspace": "a low-rank delta `W += B A` on one writer of the site layer: `B` is an orthonormal basis "
+    "of the selected latents' decoder directions (so the patch writes nothing outside their span), `A` "
+    "is fitted to the unlearning objective on train rows with KL to the original on the other rows "
+    "(docs/subspace.md); the hooked clamp is reported beside it for contrast.",
     "projection": "`W <- (I - Q Q^T) W` on every residual writer of layers 0..L (embeddings and image "
     "projector included): the selected decoder directions are projected out of what those layers write.",
 }

@@ -51,6 +51,7 @@ from sauce_export.select import (
     specific_scores,
 )
 from sauce_export.sites import parse_site
+from sauce_export.subspace import fit_subspace
 from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
 
 
@@ -261,7 +262,12 @@ class Run:
         sae = self.sae()
         plans = self.selection_plans()
         searched = {str(e.concept()): e.searched(r.calibrate) for e in r.concepts}
-        cal = {"methods": r.calibrate.methods, "top_n": max(r.calibrate.top_n)}
+        top = (
+            max(r.calibrate.top_n)
+            if r.edit.method == "clamp"
+            else max(*r.calibrate.top_n, r.subspace.latents)
+        )
+        cal = {"methods": r.calibrate.methods, "top_n": top}
         key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans, "search": [searched, cal]}
 
         def body(directory: Path) -> dict[str, Any]:
@@ -298,6 +304,9 @@ class Run:
         own), the search table and its cost. CalibrationFailed (exit 1) when nothing passes."""
         r = self.recipe
         ranked = self.select()
+        if r.edit.method == "subspace":
+            self.calibration = self._subspace_choices(ranked)
+            return self.calibration
         fixed = {}
         for entry in r.concepts:
             name = str(entry.concept())
@@ -357,6 +366,21 @@ class Run:
         self.calibration = self._stage("calibrate", key, body)
         return self.calibration
 
+    def _subspace_choices(self, ranked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+        """Each concept's latents for the subspace patch: its score's best ``top_n`` (its own) or
+        ``subspace.latents``; the clamp is kept for the hooked edit reported beside the patch."""
+        r, choices = self.recipe, {}
+        for entry in r.concepts:
+            name = str(entry.concept())
+            method = entry.selection(r.select)["method"]
+            method = method if method in ranked[name] else next(iter(ranked[name]))
+            n = entry.top_n or r.subspace.latents
+            clamp = r.edit.clamp if entry.clamp is None else entry.clamp
+            features = tuple(ranked[name][method][:n])
+            point = Point(method, len(features), clamp, features)
+            choices[name] = {**point.to_dict(), "calibrated": False}
+        return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
+
     def choices(self) -> dict[str, dict[str, Any]]:
         """Each concept's method, top_n, clamp and features as calibrated (or set by the recipe)."""
         if self._choices is None:
@@ -395,13 +419,19 @@ class Run:
             "select": self.selected(),
             "edit": asdict(r.edit),
             "clamps": self.concept_clamps(),
-            "fold": asdict(r.fold),
+            "fold": asdict(r.fold) if r.edit.method == "clamp" else asdict(r.subspace),
             "model": r.model,
         }
 
         def body(directory: Path) -> dict[str, Any]:
             rows = self.train_rows
-            patch = fold(self.lm, self.edit(), rows, self.concepts, r.fold, self.progress)
+            if r.edit.method == "subspace":
+                site = str(parse_site(r.site, r.path))
+                patch = fit_subspace(
+                    self.lm, self.sae(), site, self.selected(), rows, self.concepts, r.subspace, self.progress
+                )
+            else:
+                patch = fold(self.lm, self.edit(), rows, self.concepts, r.fold, self.progress)
             patch.save(directory / "patch.safetensors")
             return {"description": patch.description, "modules": patch.stats()}
 
@@ -447,6 +477,7 @@ class Run:
                 Variant("folded", model, lambda: patch.apply(model)),
                 Variant("exported", reloaded.model),
             ]
+            reference = next(v for v in variants if v.name == REFERENCE[r.edit.method])
             correctness = {}
             for v in variants:
                 with v.context():
@@ -472,7 +503,7 @@ class Run:
                 )
                 for v in variants:
                     metrics[v.name].update(
-                        fidelity_report(self.lm, variants[1], v, sets, edit, bs, self.progress)
+                        fidelity_report(self.lm, reference, v, sets, edit, bs, self.progress)
                     )
                 concepts.append(
                     {
@@ -492,6 +523,11 @@ class Run:
             return {"concepts": concepts}
 
         return self._stage("verify", key, body)
+
+
+REFERENCE = {"clamp": "hooked", "subspace": "folded"}
+"""The variant every other is measured against: the hooked clamp, or the subspace patch itself
+(fitted to the objective, not to the clamp; the hooked clamp is then reported for contrast)."""
 
 
 def label_sums(
@@ -544,7 +580,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     calibration = run.calibrate()
     result = run.verify()
     exported = run.export()
-    checks = gate_checks(result["concepts"], recipe.verify, "exported")
+    checks = gate_checks(result["concepts"], recipe.verify, "exported", REFERENCE[recipe.edit.method])
     report = {
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "model": recipe.model,
@@ -555,6 +591,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "export": {"path": exported["path"], "files": exported["files"]},
         "concepts": result["concepts"],
         "gates": {"passed": all(c["passed"] for c in checks), "checks": checks},
+        "reference": REFERENCE[recipe.edit.method],
         "metrics_reported": list(METRICS),
         "calibration": calibration,
         "machine": machine(),

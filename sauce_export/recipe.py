@@ -27,6 +27,7 @@ from sauce_export.sae.formats import load_sae
 from sauce_export.sae.model import SAE
 from sauce_export.sae.train import TrainConfig
 from sauce_export.sites import parse_site
+from sauce_export.subspace import SubspaceConfig
 from sauce_export.verify import VerifyGates
 
 
@@ -99,6 +100,11 @@ class SelectSection:
 
 @dataclass
 class EditSection:
+    method: Literal["clamp", "subspace"] = _f(
+        "clamp",
+        "clamp: the SAE clamp (the papers' edit), folded by fold.*. subspace: a patch along the selected "
+        "latents' decoder directions fitted to the unlearning objective (subspace.*, docs/subspace.md).",
+    )
     clamp: float = _f(0.0, "Target value c of the selected latents (0 or negative).", max=0)
     multiplier: float | None = _f(None, "If set, f -> multiplier * f instead of the value clamp.")
     only_where_active: bool = _f(
@@ -210,6 +216,10 @@ class Recipe:
     )
     fold: FoldConfig = field(
         default_factory=FoldConfig, metadata={"help": "How the edit is folded into weights."}
+    )
+    subspace: SubspaceConfig = field(
+        default_factory=SubspaceConfig,
+        metadata={"help": "The subspace patch (edit.method: subspace), fitted instead of a fold."},
     )
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Evaluation."})
     verify: VerifyGates = field(

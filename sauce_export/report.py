@@ -63,12 +63,14 @@ FIDELITY = (
 
 
 def fidelity_table(report: dict[str, Any]) -> str:
-    """Markdown: how close each variant is to the hooked reference (KL in nats, answer positions)."""
-    lines = ["| concept | model | " + " | ".join(FIDELITY) + " |", "|---|---|" + "---|" * len(FIDELITY)]
+    """Markdown: how close each variant is to the reference (KL in nats, answer positions)."""
+    ref = report.get("reference", "hooked")
+    keys = [k.replace("_vs_hooked", f"_vs_{ref}") for k in FIDELITY]
+    lines = ["| concept | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for c in report["concepts"]:
         for variant, metrics in c["metrics"].items():
-            if "top1_agree_vs_hooked" in metrics:
-                cells = " | ".join(_fmt(metrics.get(k), 4) for k in FIDELITY)
+            if f"top1_agree_vs_{ref}" in metrics:
+                cells = " | ".join(_fmt(metrics.get(k), 4) for k in keys)
                 lines.append(f"| {c['kind']}:{c['name']} | {variant} | {cells} |")
     return "\n".join(lines)
 
@@ -175,8 +177,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 f"dead={sae['dead_frac']:.3f} ({sae['source']}).",
                 "## Accuracy (exact greedy answers; forget: lower is better)",
                 result_table(report),
-                "## Fidelity to the hooked reference (KL at answer positions, nats; *_ctx: unrelated "
-                "context before the question)",
+                f"## Fidelity to the {report.get('reference', 'hooked')} reference (KL at answer "
+                "positions, nats; *_ctx: unrelated context before the question)",
                 fidelity_table(report),
                 "## Calibration (validation rows only)",
                 calibration_text(report),

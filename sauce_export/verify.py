@@ -149,19 +149,21 @@ def fidelity_report(
     batch_size: int,
     progress: bool = True,
 ) -> dict[str, float]:
-    """DESIGN §7 keys: kl_vs_hooked_{forget,retain}[_ctx], top1_agree_vs_hooked, cos_site_vs_hooked."""
+    """DESIGN §7 keys: kl_vs_hooked_{forget,retain}[_ctx], top1_agree_vs_hooked, cos_site_vs_hooked
+    (``hooked`` is the reference's name: ``folded`` when the reference is the subspace patch)."""
     out: dict[str, float] = {}
+    ref = reference.name
     agree = cos = weight = 0.0
     for name, rows in sets.items():
         if not rows:
             continue
         f = fidelity(lm, reference, candidate, rows, edit, batch_size, progress)
-        out[f"kl_vs_hooked_{name}"] = round(f["kl"], 6)
-        out[f"top1_agree_vs_hooked_{name}"] = round(f["top1"], 4)
+        out[f"kl_vs_{ref}_{name}"] = round(f["kl"], 6)
+        out[f"top1_agree_vs_{ref}_{name}"] = round(f["top1"], 4)
         agree, cos, weight = agree + f["top1"] * len(rows), cos + f["cos"] * len(rows), weight + len(rows)
         out[f"feature_act_{name}"] = round(f["feature_act"], 5)
-    out["top1_agree_vs_hooked"] = round(agree / max(weight, 1), 4)
-    out["cos_site_vs_hooked"] = round(cos / max(weight, 1), 6)
+    out[f"top1_agree_vs_{ref}"] = round(agree / max(weight, 1), 4)
+    out[f"cos_site_vs_{ref}"] = round(cos / max(weight, 1), 6)
     return out
 
 
@@ -169,16 +171,17 @@ _KEPT = ("retain_acc", "interference_acc")
 
 
 def gate_checks(
-    concepts: list[dict[str, Any]], gates: VerifyGates, variant: str | None
+    concepts: list[dict[str, Any]], gates: VerifyGates, variant: str | None, reference: str = "hooked"
 ) -> list[dict[str, Any]]:
-    """Hooked reference vs original (always), and ``variant`` (exported) vs hooked when given."""
+    """The reference (the hooked clamp, or the subspace patch ``folded``) vs original (always), and
+    ``variant`` (exported) vs the reference when given."""
     checks = []
     for c in concepts:
         m, name = c["metrics"], f"{c['kind']}:{c['name']}"
-        orig, hooked = m["original"], m["hooked"]
+        orig, hooked = m["original"], m[reference]
         margin, keep = gates.hooked_forget_margin, gates.hooked_keep
         checks += _bounds(
-            f"{name} hooked",
+            f"{name} {reference}",
             hooked,
             (f"chance + {margin}", c["chance_acc"] + margin),
             {k: (f"{keep} x original", keep * orig[k]) for k in _KEPT if orig[k] is not None},
@@ -189,12 +192,12 @@ def gate_checks(
         checks += _bounds(
             f"{name} {variant}",
             got,
-            (f"hooked + {gates.forget_slack}", hooked["forget_acc"] + gates.forget_slack),
-            {k: (f"hooked - {slack}", hooked[k] - slack) for k in _KEPT if hooked[k] is not None},
+            (f"{reference} + {gates.forget_slack}", hooked["forget_acc"] + gates.forget_slack),
+            {k: (f"{reference} - {slack}", hooked[k] - slack) for k in _KEPT if hooked[k] is not None},
         )
-        kl = got.get("kl_vs_hooked_retain")
+        kl = got.get(f"kl_vs_{reference}_retain")
         if kl is not None:
-            rule = f"{name} {variant} KL(hooked||{variant}) retain <= {gates.max_kl_retain}"
+            rule = f"{name} {variant} KL({reference}||{variant}) retain <= {gates.max_kl_retain}"
             checks.append(_check(rule, kl, gates.max_kl_retain, "<="))
     return checks
 
