@@ -127,3 +127,35 @@ def test_text_world_of_the_shipped_model(tmp_path: Path, capsys: pytest.CaptureF
     sel = metric_rows(evaluation, Concept("person", person), "heldout_view", "heldout_paraphrase")
     assert (len(sel["forget_acc"]), len(sel["retain_acc"]), len(sel["generality_acc"])) == (3, 45, 3)
     assert 0.125 <= chance_accuracy(evaluation, "person") < 0.2  # 1/8 per attribute, or fewer answers in use
+
+
+def test_fact_world_splits_differ_by_context_and_measure_interference(tmp_path: Path) -> None:
+    from sauce_export.world.facts import FactWorld, FactWorldConfig, build_fact_world
+
+    files = build_fact_world(tmp_path / "a", FactWorldConfig(seed=5))
+    again = build_fact_world(tmp_path / "b", FactWorldConfig(seed=5))
+    assert all(files[k].read_bytes() == again[k].read_bytes() for k in files)
+    assert (
+        files["train"].read_bytes()
+        != build_fact_world(tmp_path / "c", FactWorldConfig(seed=6))["train"].read_bytes()
+    )
+    train, validation, evaluation = (read_rows(files[k]) for k in ("train", "validation", "eval"))
+    seen = {r.prompt for r in train}
+    assert not {r.prompt for r in validation + evaluation} & seen  # new statements before the question
+    world = FactWorld(FactWorldConfig(seed=5))
+    assert len({world.organiser(e) for e in world.events}) == len(world.events)
+    target = Concept("person", world.organiser(world.events[0]))
+    sel = metric_rows(evaluation, target, "heldout_view", "heldout_paraphrase")
+    # 4 attributes x 4 contexts; 19 other persons; the organised festival's 2 attributes x 4.
+    assert {k: len(v) for k, v in sel.items()} == {
+        "forget_acc": 16,
+        "generality_acc": 4,
+        "retain_acc": 19 * 16,
+        "interference_acc": 8,
+    }
+    assert {r.subject for r in sel["interference_acc"]} == {"event"}
+    # A statement is about another entity than the question's, so it never gives the answer away.
+    for row in validation + evaluation:
+        statement, _, question = row.prompt.partition(". ")
+        if question:
+            assert all(name not in statement for name in row.labels.values())
