@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rank", type=int, default=16, help="largest LoRA rank for --format peft (default 16, vLLM's)"
     )
     _add_compare(sub)
+    _add_attack(sub)
     _add_publish(sub)
     _add_convert(sub)
     return parser
@@ -194,6 +195,63 @@ def _add_compare(sub: Any) -> None:
         "compare_json", type=Path, metavar="COMPARE_JSON", help="OUT/compare.json of `compare`"
     )
     table.add_argument("--readme", type=Path, default=Path("README.md"), help="file to update (README.md)")
+
+
+def _add_attack(sub: Any) -> None:
+    att = sub.add_parser(
+        "attack",
+        help="attack an unlearned model: relearning, quantization, prompts and probes (docs/attack.md)",
+        description="Score an unlearned checkpoint of the recipe's model before and after each attack on "
+        "the recipe's concepts; writes OUT/attack.json and OUT/attack.md.",
+    )
+    att.add_argument("recipe", type=Path, help="recipe YAML (its concepts, data and original model)")
+    att.add_argument("--model", required=True, help="the unlearned checkpoint (runs/demo/export/model)")
+    att.add_argument("--out", type=Path, required=True, help="output directory")
+    att.add_argument("--steps", default="5,20,50", help="relearning steps at which to score")
+    att.add_argument("--lrs-full", default="1e-4,1e-3", help="relearning learning rates, full fine-tuning")
+    att.add_argument("--lrs-lora", default="1e-3,1e-2", help="relearning learning rates, LoRA r=8")
+    att.add_argument("--batch-size", type=int, default=16, help="relearning rows per step (default 16)")
+    att.add_argument("--unrelated-rows", type=int, default=16, help="pool of unrelated relearning rows")
+    att.add_argument("--quant", default="int8,int4", help="comma list of int8, int4 (or empty)")
+    att.add_argument("--seed", type=int, default=0, help="data order, LoRA init and context seed")
+    att.add_argument("--utility", type=Path, help="JSONL rows for the utility column (as for compare)")
+
+
+def _numbers(value: str, field: str, kind: type = float) -> tuple[Any, ...]:
+    """A comma list of positive numbers, or an InputError naming the option."""
+    try:
+        numbers = tuple(kind(x) for x in value.split(",") if x)
+    except ValueError:
+        raise InputError("attack", field, f"{value!r}: a comma list of numbers") from None
+    if not numbers or min(numbers) <= 0:
+        raise InputError("attack", field, f"{value!r}: a comma list of positive numbers")
+    return numbers
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from sauce_export.attack import attack
+    from sauce_export.evaluate.attacks import QUANT_BITS, AttackConfig
+    from sauce_export.recipe import load_recipe
+
+    quant = tuple(q for q in args.quant.split(",") if q)
+    if set(quant) - set(QUANT_BITS):
+        raise InputError("attack", "--quant", f"{args.quant!r}: use {', '.join(QUANT_BITS)}")
+    if args.batch_size < 1 or args.unrelated_rows < 1:
+        raise InputError("attack", "--batch-size/--unrelated-rows", "must be positive")
+    cfg = AttackConfig(
+        steps=_numbers(args.steps, "--steps", int),
+        lrs_full=_numbers(args.lrs_full, "--lrs-full"),
+        lrs_lora=_numbers(args.lrs_lora, "--lrs-lora"),
+        batch_size=args.batch_size,
+        unrelated_rows=args.unrelated_rows,
+        quant=quant,
+        seed=args.seed,
+    )
+    recipe = load_recipe(args.recipe)
+    log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    attack(recipe, args.model, args.out, cfg, utility=args.utility, log=log)
+    print(args.out / "attack.md")
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -312,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command in ("compare", "compare-readme"):
             return _compare(args)
+        if args.command == "attack":
+            return _attack(args)
         if args.command in ("push", "inspect"):
             return _publish(args)
         if args.command == "convert":

@@ -30,6 +30,7 @@ import torch
 
 from sauce_export.data import Concept, Row, read_rows
 from sauce_export.errors import InputError
+from sauce_export.evaluate.attacks import AttackConfig, AttackData, attack_data, attack_model
 from sauce_export.evaluate.baselines import (
     METHODS,
     BaselineConfig,
@@ -46,6 +47,7 @@ from sauce_export.evaluate.metrics import (
 )
 from sauce_export.lm import Batch, LoadedModel, batches, load_model
 from sauce_export.recipe import Recipe
+from sauce_export.verify import with_context
 
 T = TypeVar("T")
 # The demo model is small and was trained hard: at 1e-5..3e-5 full fine-tuning did not move its
@@ -190,6 +192,57 @@ def eval_set(lm: LoadedModel, rows: SettingRows, facts: Sequence[Row], batch_siz
     wanted.update({r.id: r for r in facts})
     encoded = list(batches(lm, list(wanted.values()), batch_size))
     return EvalSet(rows.selections, list(facts), encoded)
+
+
+# ---------------------------------------------------------------------------- attacks
+@dataclasses.dataclass
+class AttackSuite:
+    """A setting's attacks: shared relearning data and probes, the plain and the context-prefixed
+    evaluation sets, and the original model's score on each (the attacks' references)."""
+
+    cfg: AttackConfig
+    data: AttackData
+    evals: EvalSet
+    context: EvalSet
+    original: dict[str, Any]
+    context_original: dict[str, Any]
+
+    def run(
+        self, model: torch.nn.Module, before: dict[str, Any], log: Callable[[str], None]
+    ) -> dict[str, Any]:
+        return attack_model(
+            model,
+            self.data,
+            self.cfg,
+            before=before,
+            original=self.original["concepts"],
+            score=lambda m: self.evals.score(m, self.original["concepts"]),
+            score_context=lambda m: self.context.score(m, self.context_original["concepts"]),
+            log=log,
+        )
+
+
+def attack_suite(
+    lm: LoadedModel,
+    rows: SettingRows,
+    evals: EvalSet,
+    validation: Sequence[Row],
+    eval_rows: Sequence[Row],
+    cfg: AttackConfig,
+    batch_size: int,
+) -> AttackSuite:
+    """Everything the attacks on one setting share, built once for every method's model. The context
+    attack puts an unrelated evaluation question and its answer (nothing removed) before each row."""
+    pool = [r for r in eval_rows if not any(c.matches(r) for c in rows.concepts)]
+    prefixed = {
+        c: {m: with_context(chosen, pool, cfg.seed) for m, chosen in sel.items()}
+        for c, sel in rows.selections.items()
+    }
+    context = eval_set(lm, dataclasses.replace(rows, selections=prefixed), [], batch_size)
+    forget = {c: rows.selections[str(c)]["forget_acc"] for c in rows.concepts}
+    data = attack_data(lm, rows.forget, rows.retain, validation, forget, cfg, batch_size)
+    original = evals.score(lm.model, None)
+    return AttackSuite(cfg, data, evals, context, original, context.score(lm.model, None))
 
 
 # ---------------------------------------------------------------------------- SAUCE

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -171,6 +171,27 @@ def unlearn(
 
     The input model is left untouched (it is the next sweep point's start and NPO/KL's reference).
     """
+
+    def loss(student: torch.nn.Module, reference: torch.nn.Module, step: int) -> torch.Tensor:
+        i = step % len(data.forget)
+        return method_loss(cfg, student, reference, data.forget[i], data.retain[i], data.refusal[i])
+
+    return train_copy(model, cfg, loss)
+
+
+StepLoss = Callable[[torch.nn.Module, torch.nn.Module, int], torch.Tensor]
+"""(student, frozen reference, step index) -> the loss of that step."""
+
+
+def train_copy(
+    model: torch.nn.Module,
+    cfg: BaselineConfig,
+    loss: StepLoss,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, list[float]]:
+    """``cfg.steps`` AdamW steps of ``loss`` on a copy of ``model`` (full or LoRA, merged back), the
+    loop every baseline and every relearning attack share. ``on_step(steps done, student)`` sees the
+    student in eval mode after each step (a LoRA student unmerged), e.g. to score it mid-run."""
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(model)
     for p in student.parameters():
@@ -195,13 +216,16 @@ def unlearn(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses = []
     for step in range(cfg.steps):
-        i = step % len(data.forget)
-        loss = method_loss(cfg, student, reference, data.forget[i], data.retain[i], data.refusal[i])
+        value = loss(student, reference, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
+        if on_step is not None:
+            student.eval()
+            on_step(step + 1, student)
+            student.train()
     if cfg.lora:
         student = student.merge_and_unload()  # type: ignore[operator]
     student.eval()
