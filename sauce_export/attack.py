@@ -32,6 +32,7 @@ def attack(
     """Attack ``model_path`` (an unlearned checkpoint of ``recipe.model``); returns attack.json's content."""
     from sauce_export.pipeline import Run
 
+    model = load_model(model_path, where="--model").model  # a bad path fails before any work
     run = Run(recipe, out, progress=False)
     concepts = [c.concept() for c in recipe.concepts]
     rows = setting_rows(run.train_rows, run.eval_rows, concepts, recipe)
@@ -41,7 +42,6 @@ def attack(
     suite = attack_suite(
         original, rows, evals, run.validation_rows, run.eval_rows, cfg, recipe.eval.batch_size
     )
-    model = load_model(model_path, where="--model").model
     before = evals.score(model, suite.original["concepts"])
     log(f"before: score {before['score']:.3f}")
     result = {
