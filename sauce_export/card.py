@@ -270,7 +270,13 @@ def render_card(
     model_dir: Path | None = None,
 ) -> str:
     """The card text for the checkpoint (or adapter) in ``folder``, from a run's ``report.json``."""
-    from sauce_export.report import calibration_text, fidelity_table, gates_table, result_table
+    from sauce_export.report import (
+        calibration_text,
+        fidelity_table,
+        gates_table,
+        latents_section,
+        result_table,
+    )
 
     if not template.is_file():
         raise InputError(str(template), "template", "model card template not found")
@@ -319,7 +325,8 @@ def render_card(
         clamp_rule=_clamp_rule(report),
         calibration=calibration_text(report),
         fold_text=f"Method `{method}`: {_FOLDS.get(method, 'see the description below.')}\n\n"
-        + (_table(["module", "rank", "norm"], fold_rows) if fold_rows else ""),
+        + (_table(["module", "rank", "norm"], fold_rows) if fold_rows else "")
+        + "".join(f"\n\n{section}" for section in latents_section(report)),
         fold_json=json.dumps(desc, indent=1),
         accuracy_table=result_table(report),
         fidelity_table=fidelity_table(report),

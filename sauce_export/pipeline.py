@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ from sauce_export.select import (
     specific_scores,
 )
 from sauce_export.sites import parse_site
-from sauce_export.subspace import fit_subspace
+from sauce_export.subspace import fit_subspace, top_tokens
+from sauce_export.subspace import search as subspace_search
 from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
 
 
@@ -262,10 +263,11 @@ class Run:
         sae = self.sae()
         plans = self.selection_plans()
         searched = {str(e.concept()): e.searched(r.calibrate) for e in r.concepts}
+        sub = r.subspace
         top = (
             max(r.calibrate.top_n)
             if r.edit.method == "clamp"
-            else max(*r.calibrate.top_n, r.subspace.latents)
+            else max(*r.calibrate.top_n, sub.latents, *sub.latents_grid)
         )
         cal = {"methods": r.calibrate.methods, "top_n": top}
         key = {"sae": self.sae_info, "tokens": r.select.tokens, "concepts": plans, "search": [searched, cal]}
@@ -305,7 +307,7 @@ class Run:
         r = self.recipe
         ranked = self.select()
         if r.edit.method == "subspace":
-            self.calibration = self._subspace_choices(ranked)
+            self.calibration = self._subspace_calibration(ranked)
             return self.calibration
         fixed = {}
         for entry in r.concepts:
@@ -330,23 +332,8 @@ class Run:
             if not searched:
                 choices = {c: {**p.to_dict(), "calibrated": False} for c, p in fixed.items()}
                 return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
-            cal, gates = r.calibrate, r.verify
-            search = Search(
-                methods=cal.methods,
-                top_n=cal.top_n,
-                clamps=cal.clamps,
-                forget_margin=cal.forget_margin,
-                keep_margin=cal.keep_margin,
-                hooked_forget_margin=gates.hooked_forget_margin,
-                hooked_keep=gates.hooked_keep,
-                sample_rows=cal.sample_rows,
-                batch_size=cal.batch_size,
-                seed=cal.seed,
-            )
             rows = self.validation_rows
-            validation = Validation(
-                self.lm, self._edit_settings(), rows, self.concepts, search, self.progress
-            )
+            validation = self._validation()
             try:
                 result = calibrate(validation, ranked, fixed, searched)
             except CalibrationFailed as err:
@@ -366,20 +353,94 @@ class Run:
         self.calibration = self._stage("calibrate", key, body)
         return self.calibration
 
-    def _subspace_choices(self, ranked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
-        """Each concept's latents for the subspace patch: its score's best ``top_n`` (its own) or
-        ``subspace.latents``; the clamp is kept for the hooked edit reported beside the patch."""
-        r, choices = self.recipe, {}
+    def _validation(self) -> Validation:
+        """The validation rows of every concept, encoded once, with the calibrate.* margins under the
+        verify gates (the clamp search and the subspace search score on the same sets)."""
+        r = self.recipe
+        cal, gates = r.calibrate, r.verify
+        search = Search(
+            methods=cal.methods,
+            top_n=cal.top_n,
+            clamps=cal.clamps,
+            forget_margin=cal.forget_margin,
+            keep_margin=cal.keep_margin,
+            hooked_forget_margin=gates.hooked_forget_margin,
+            hooked_keep=gates.hooked_keep,
+            sample_rows=cal.sample_rows,
+            batch_size=cal.batch_size,
+            seed=cal.seed,
+        )
+        return Validation(
+            self.lm, self._edit_settings(), self.validation_rows, self.concepts, search, self.progress
+        )
+
+    def _subspace_calibration(self, ranked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+        """Each concept's latents for the subspace patch (its own ``top_n``, else ``subspace.latents``
+        or the count the search picks) and, with ``subspace.search``, the lr and steps chosen on
+        validation rows. The clamp is kept for the hooked edit reported beside the patch."""
+        r = self.recipe
+        methods, own, clamps = {}, {}, {}
         for entry in r.concepts:
             name = str(entry.concept())
             method = entry.selection(r.select)["method"]
-            method = method if method in ranked[name] else next(iter(ranked[name]))
-            n = entry.top_n or r.subspace.latents
-            clamp = r.edit.clamp if entry.clamp is None else entry.clamp
-            features = tuple(ranked[name][method][:n])
-            point = Point(method, len(features), clamp, features)
-            choices[name] = {**point.to_dict(), "calibrated": False}
-        return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
+            methods[name] = method if method in ranked[name] else next(iter(ranked[name]))
+            own[name] = entry.top_n
+            clamps[name] = r.edit.clamp if entry.clamp is None else entry.clamp
+        lists = {c: ranked[c][m] for c, m in methods.items()}
+
+        def choices(n: int, calibrated: bool) -> dict[str, dict[str, Any]]:
+            out = {}
+            for c, features in lists.items():
+                chosen = tuple(features[: own[c] or n])
+                point = Point(methods[c], len(chosen), clamps[c], chosen)
+                out[c] = {**point.to_dict(), "calibrated": calibrated and own[c] is None}
+            return out
+
+        if not r.subspace.search:
+            return {
+                "choices": choices(r.subspace.latents, False),
+                "table": [],
+                "evaluations": 0,
+                "rows_scored": 0,
+                "seconds": 0.0,
+            }
+        key = {
+            "select": lists,
+            "own": own,
+            "subspace": asdict(r.subspace),
+            "calibrate": asdict(r.calibrate),
+            "gates": asdict(r.verify),
+            "validation": self.validation_source,
+            "model": r.model,
+        }
+
+        def body(directory: Path) -> dict[str, Any]:
+            site = str(parse_site(r.site, r.path))
+            args = (self.lm, self.sae(), site, lists, own, self.train_rows, self.concepts, r.subspace)
+            try:
+                found = subspace_search(*args, self._validation(), self.progress)
+            except CalibrationFailed as err:
+                (directory / "failed.json").write_text(
+                    json.dumps({"error": str(err), "table": err.table}, indent=1)
+                )
+                raise
+            if self.progress:
+                print(
+                    f"calibrate: {found['fits']} subspace fits ({found['rows_scored']} validation rows "
+                    f"scored) in {found['seconds']} s",
+                    file=sys.stderr,
+                )
+            return {
+                "choices": choices(found["latents"], True),
+                "subspace": {k: found[k] for k in ("latents", "lr", "steps", "score")},
+                "table": found["table"],
+                "evaluations": found["fits"],
+                "rows_scored": found["rows_scored"],
+                "seconds": found["seconds"],
+                "validation": {"source": self.validation_source, "rows": len(self.validation_rows)},
+            }
+
+        return self._stage("calibrate", key, body)
 
     def choices(self) -> dict[str, dict[str, Any]]:
         """Each concept's method, top_n, clamp and features as calibrated (or set by the recipe)."""
@@ -419,7 +480,9 @@ class Run:
             "select": self.selected(),
             "edit": asdict(r.edit),
             "clamps": self.concept_clamps(),
-            "fold": asdict(r.fold) if r.edit.method == "clamp" else asdict(r.subspace),
+            "fold": asdict(r.fold)
+            if r.edit.method == "clamp"
+            else [asdict(r.subspace), self.calibrate().get("subspace")],
             "model": r.model,
         }
 
@@ -427,13 +490,22 @@ class Run:
             rows = self.train_rows
             if r.edit.method == "subspace":
                 site = str(parse_site(r.site, r.path))
+                chosen = self.calibrate().get("subspace", {})
+                cfg = replace(r.subspace, **{k: chosen[k] for k in ("lr", "steps") if k in chosen})
                 patch = fit_subspace(
-                    self.lm, self.sae(), site, self.selected(), rows, self.concepts, r.subspace, self.progress
+                    self.lm, self.sae(), site, self.selected(), rows, self.concepts, cfg, self.progress
                 )
+                features = patch.description["features"]
+                extra = {
+                    "top_tokens": top_tokens(
+                        self.lm, self.sae(), self.collect(), self.sample_rows(), features
+                    )
+                }
             else:
                 patch = fold(self.lm, self.edit(), rows, self.concepts, r.fold, self.progress)
+                extra = {}
             patch.save(directory / "patch.safetensors")
-            return {"description": patch.description, "modules": patch.stats()}
+            return {"description": patch.description, "modules": patch.stats(), **extra}
 
         self.fold_info = self._stage("fold", key, body)
         return Patch.load(self.out / "fold" / "patch.safetensors")

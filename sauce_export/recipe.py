@@ -353,6 +353,12 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(where, "calibrate.top_n", f"must be at least 1, got {min(cal.top_n)}")
     if max(cal.clamps) > 0:
         raise InputError(where, "calibrate.clamps", f"must be 0 or negative, got {max(cal.clamps)}")
+    sub = recipe.subspace
+    for name, values in (("latents_grid", sub.latents_grid), ("lrs", sub.lrs), ("step_grid", sub.step_grid)):
+        if not values or min(values) <= 0:
+            raise InputError(
+                where, f"subspace.{name}", f"needs at least one value, all above 0, got {values}"
+            )
     if not 0.0 < recipe.data.validation_share < 1.0:
         raise InputError(
             where, "data.validation_share", f"must be between 0 and 1, got {recipe.data.validation_share}"

@@ -141,9 +141,12 @@ def calibration_summary(report: dict[str, Any]) -> str:
         if source
         else "no search (every concept set by the recipe)"
     )
+    sub = cal.get("subspace")
+    if sub:
+        picked += f"; subspace patch: lr {sub['lr']:g}, {sub['steps']} steps"
     return (
         f"Chosen: {picked}. Searched on {where}; the evaluation rows were not read before verify. "
-        f"Cost: {cal['evaluations']} hooked evaluations, {cal['rows_scored']} rows, {cal['seconds']} s. "
+        f"Cost: {cal['evaluations']} {'subspace fits' if sub else 'hooked evaluations'}, {cal['rows_scored']} rows, {cal['seconds']} s. "
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, {m['threads']} threads."
     )
 
@@ -162,6 +165,15 @@ def gates_table(report: dict[str, Any]) -> str:
             f"| {check['name']} | {check['value']} | {check['threshold']} | {'yes' if check['passed'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def latents_section(report: dict[str, Any]) -> list[str]:
+    """The subspace patch's latents (none for a clamp fold)."""
+    if report["fold"]["description"].get("method") != "subspace":
+        return []
+    from sauce_export.subspace import latents_markdown
+
+    return ["## Latents of the subspace patch\n\n" + latents_markdown(report["fold"])]
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -184,6 +196,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 calibration_text(report),
                 f"## Fold\n\n`{json.dumps(report['fold']['description'])}`\n\nExported checkpoint: "
                 f"`{report['export']['path']}`\n\n![metrics](metrics.png) ![features](features.png)",
+                *latents_section(report),
                 f"## Gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}",
                 gates_table(report),
             ]

@@ -19,6 +19,7 @@ train row). The result is an ordinary ``Patch``: stored, exported, reloaded and 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -28,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sauce_export.activations import ActivationStore
 from sauce_export.architectures import site_module_name, spec_for
+from sauce_export.calibrate import Validation
 from sauce_export.data import Concept, Row
-from sauce_export.errors import InputError
+from sauce_export.errors import CalibrationFailed, InputError
 from sauce_export.evaluate.baselines import (
     answer_logits,
     answer_nll,
@@ -39,6 +42,7 @@ from sauce_export.evaluate.baselines import (
     npo_loss,
     sequence_logprob,
 )
+from sauce_export.evaluate.metrics import concept_metrics, correctness, summary_score
 from sauce_export.lm import Batch, LoadedModel, encode_batch
 from sauce_export.patch import Patch, WeightDelta
 from sauce_export.progress import track
@@ -95,6 +99,24 @@ class SubspaceConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the batches and of the row sample."})
+    search: bool = field(
+        default=True,
+        metadata={
+            "help": "Choose latents, lr and steps on validation rows (calibrate stage) from the grids "
+            "below; false: subspace.latents / lr / steps as given."
+        },
+    )
+    latents_grid: list[int] = field(
+        default_factory=lambda: [4, 8, 16], metadata={"help": "search: latents per concept tried."}
+    )
+    lrs: list[float] = field(default_factory=lambda: [0.03, 0.1], metadata={"help": "search: lrs tried."})
+    step_grid: list[int] = field(
+        default_factory=lambda: [50, 100, 200],
+        metadata={
+            "help": "search: steps scored, in one fit of the largest (it stops early once the score "
+            "falls after meeting every limit)."
+        },
+    )
 
 
 def writer_for_site(model: nn.Module, site: str, module: str | None = None) -> str:
@@ -237,7 +259,8 @@ def fit_subspace(
     on_checkpoint: Any = None,
 ) -> Patch:
     """Fit ``A`` for ``steps`` Adam steps on train ``rows``; returns the patch. ``on_checkpoint(step,
-    fit)`` is called after each step listed in ``checkpoints`` (the validation search's early stop)."""
+    fit)`` is called, the patch active, after each step listed in ``checkpoints``; True stops the fit
+    there (the validation search's early stop)."""
     model = lm.model
     features = union_features(selected.values())
     if not features:
@@ -262,7 +285,8 @@ def fit_subspace(
                 losses.append(float(loss.detach()))
                 if step in checkpoints and on_checkpoint is not None:
                     with torch.no_grad():
-                        on_checkpoint(step, fit)
+                        if on_checkpoint(step, fit):
+                            break
     finally:
         for p, requires in frozen:
             p.requires_grad_(requires)
@@ -274,7 +298,7 @@ def fit_subspace(
             "rank": len(features),
             "latents": {c: list(f) for c, f in selected.items()},
             "features": list(features),
-            "steps": cfg.steps,
+            "steps": len(losses),
             "lr": cfg.lr,
             "kl_weight": cfg.kl_weight,
             "forget_rows": len(forget),
@@ -303,3 +327,167 @@ def outside_span(patch: Patch, sae: SAE, features: Sequence[int]) -> float:
         rest = dense - q @ (q.T @ dense)
         worst = max(worst, float(rest.norm() / dense.norm().clamp_min(1e-30)))
     return worst
+
+
+@dataclass
+class Scorer:
+    """Scores the active patch on every concept's validation rows and keeps the table."""
+
+    validation: Validation
+    names: list[str]
+    table: list[dict[str, Any]] = field(default_factory=list)
+    rows_scored: int = 0
+
+    def __call__(self, model: nn.Module, n: int, lr: float, steps: int) -> tuple[float, bool]:
+        """(mean summary score, every concept meets its limits) of the model as it runs now."""
+        v, scores, passed = self.validation, [], True
+        for c in self.names:
+            if not v.has_rows(c):
+                continue
+            ok: dict[str, bool] = {}
+            for part, part_rows in v.selections[c].items():
+                ok.update(correctness(model, v.encoded[(c, part)]))
+                self.rows_scored += len(part_rows)
+            m = concept_metrics(ok, v.selections[c])
+            why = v.failures(c, m)
+            scores.append(summary_score(m, v.original[c]))
+            passed = passed and not why
+            self.table.append(_entry(c, n, lr, steps, m, scores[-1], why))
+        return sum(scores) / max(len(scores), 1), passed
+
+
+def search(
+    lm: LoadedModel,
+    sae: SAE,
+    site: str,
+    ranked: Mapping[str, Sequence[int]],
+    own: Mapping[str, int | None],
+    rows: Sequence[Row],
+    concepts: Sequence[Concept],
+    cfg: SubspaceConfig,
+    validation: Validation,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Latents per concept x lr x steps, each fitted on train ``rows`` and scored on validation rows
+    (``validation``: the clamp calibration's row sets, limits and original scores). The choice is the
+    highest mean summary score among points where every concept meets its limits (ties: fewer
+    latents, then fewer steps). A fit stops at the first checkpoint that does not beat the best
+    passing one before it; the latent counts stop at the first perfect score. Raises CalibrationFailed with the table when no point passes."""
+    start = time.time()
+    scorer = Scorer(validation, [str(c) for c in concepts])
+    passing: list[tuple[float, int, int, float]] = []
+    tried: set[tuple[tuple[int, ...], ...]] = set()
+    fits = 0
+    for n in sorted(set(cfg.latents_grid)):
+        if passing and max(p[0] for p in passing) >= 1.0:
+            break  # a perfect score: more latents could only tie, and ties go to fewer
+        selected = {c: list(ranked[c][: own.get(c) or n]) for c in scorer.names}
+        key = tuple(tuple(f) for f in selected.values())
+        if key in tried:
+            continue  # fewer ranked latents than n: the same patch as a smaller n
+        tried.add(key)
+        for lr in cfg.lrs:
+            best = [-1.0]
+
+            def checkpoint(
+                step: int, fit: SubspaceFit, n: int = n, lr: float = lr, best: list = best
+            ) -> bool:
+                score, passed = scorer(fit.model, n, lr, step)
+                if passed:
+                    passing.append((score, n, step, lr))
+                stop = best[0] >= 0 and score <= best[0]  # no better than a passing checkpoint
+                best[0] = max(best[0], score) if passed else best[0]
+                return stop
+
+            steps = sorted(set(cfg.step_grid))
+            run_cfg = replace(cfg, lr=lr, steps=steps[-1])
+            fit_subspace(lm, sae, site, selected, rows, concepts, run_cfg, progress, steps, checkpoint)
+            fits += 1
+    cost = {"fits": fits, "rows_scored": scorer.rows_scored, "seconds": round(time.time() - start, 1)}
+    if not passing:
+        raise CalibrationFailed("no subspace point meets every concept's limits on validation", scorer.table)
+    score, n, steps, lr = max(passing, key=lambda p: (p[0], -p[1], -p[2]))
+    for e in scorer.table:
+        if (e["top_n"], e["lr"], e["steps"]) == (n, lr, steps):
+            e.update(chosen=True, why="chosen: best mean score meeting every limit")
+    selected = {c: list(ranked[c][: own.get(c) or n]) for c in scorer.names}
+    return {
+        "latents": n,
+        "lr": lr,
+        "steps": steps,
+        "score": round(score, 4),
+        "selected": selected,
+        "table": scorer.table,
+        **cost,
+    }
+
+
+def _entry(
+    concept: str, n: int, lr: float, steps: int, m: Mapping[str, float | None], score: float, why: list[str]
+) -> dict[str, Any]:
+    """One calibration-table row (the clamp search's columns; the clamp is none, size = latents)."""
+    return {
+        "concept": concept,
+        "phase": f"subspace lr {lr:g} steps {steps}",
+        "method": "subspace",
+        "top_n": n,
+        "clamp": None,
+        "size": n,
+        "lr": lr,
+        "steps": steps,
+        **{k: m.get(k) for k in ("forget_acc", "retain_acc", "interference_acc")},
+        "score": round(score, 4),
+        "passed": not why,
+        "chosen": False,
+        "why": "; ".join(why) or "meets every limit",
+    }
+
+
+@torch.no_grad()
+def top_tokens(
+    lm: LoadedModel,
+    sae: SAE,
+    store: ActivationStore,
+    rows: Sequence[Row],
+    features: Sequence[int],
+    k: int = 5,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per latent, the ``k`` stored train tokens where it fires most: the token, its row and the
+    activation (what a reader checks a latent against before trusting the patch built on it)."""
+    feats = list(features)
+    best_val = torch.full((len(feats), k), float("-inf"))
+    best_at = torch.zeros((len(feats), k, 2), dtype=torch.long)
+    for shard in store.shards():
+        f = sae.encode(shard.acts.to(sae.W_dec))[:, feats].float().cpu().T  # [|S|, n]
+        where = torch.stack([shard.row.long(), shard.pos.long()], -1)  # [n, 2]
+        vals = torch.cat([best_val, f], 1)
+        ats = torch.cat([best_at, where[None].expand(len(feats), -1, -1)], 1)
+        best_val, idx = vals.topk(min(k, vals.shape[1]), dim=1)
+        best_at = ats.gather(1, idx[..., None].expand(-1, -1, 2))
+    ids: dict[int, list[int]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for i, latent in enumerate(feats):
+        found = []
+        for value, (row_idx, pos) in zip(best_val[i].tolist(), best_at[i].tolist(), strict=True):
+            if value <= 0:
+                break  # the latent fired on fewer than k stored tokens
+            if row_idx not in ids:
+                ids[row_idx] = encode_batch(lm, [rows[row_idx]]).inputs["input_ids"][0].tolist()
+            token = lm.tokenizer.convert_ids_to_tokens(ids[row_idx][pos])
+            found.append({"token": token, "row": rows[row_idx].id, "act": round(value, 4)})
+        out[str(latent)] = found
+    return out
+
+
+def latents_markdown(fold: Mapping[str, Any]) -> str:
+    """The patch's latents: concept, write norm along the decoder direction, top train tokens."""
+    desc, tokens = fold.get("description", {}), fold.get("top_tokens", {})
+    owner = {str(f): c for c, fs in desc.get("latents", {}).items() for f in fs}
+    lines = [
+        "| latent | concept | write norm | top-activating train tokens (activation) |",
+        "|---|---|---|---|",
+    ]
+    for latent, norm in desc.get("writes", {}).items():
+        top = ", ".join(f"`{t['token']}` ({t['act']:.2f})" for t in tokens.get(latent, [])) or "-"
+        lines.append(f"| {latent} | {owner.get(latent, '-')} | {norm:.3f} | {top} |")
+    return "\n".join(lines)

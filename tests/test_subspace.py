@@ -1,4 +1,4 @@
-"""edit.method: subspace on the shipped text model: it forgets, keeps the others, exports exactly,
+"""edit.method: subspace on the shipped text model: it forgets, keeps the rest, exports exactly,
 and its patch writes nothing outside the selected latents' decoder directions."""
 
 from __future__ import annotations
@@ -11,32 +11,29 @@ import torch
 import yaml
 
 from sauce_export.cli import main
-from sauce_export.data import write_jsonl
+from sauce_export.data import read_rows
 from sauce_export.patch import Patch
 from sauce_export.sae.formats import load_sae
 from sauce_export.subspace import outside_span, suppress_loss
-from sauce_export.world.generate import World, WorldConfig
 
-WORLD_LLAMA = Path(__file__).resolve().parents[1] / "models" / "world-llama"
+ROOT = Path(__file__).resolve().parents[1]
+WORLD_LLAMA = ROOT / "models" / "world-llama"
 
 
 def text_recipe(tmp: Path, **subspace: object) -> tuple[Path, list[str]]:
-    """The world-llama's fact questions relabelled as questions about their person (docs/compare-text.md),
-    and a recipe removing two persons with the subspace patch."""
-    world = World.make(WorldConfig(seed=0))
-    rows = [{**r, "question_kind": "person"} for r in world.fact_rows()]
-    write_jsonl(tmp / "train.jsonl", [r for r in rows if r["split"] == "train"])
-    write_jsonl(tmp / "eval.jsonl", [r for r in rows if r["split"] != "train"])
-    persons = [p.name for p in world.persons[:2]]
+    """``recipes/demo-text.yaml`` (the shipped text model and its fact world, ``world build --kind
+    text``) with the subspace patch, its latents, lr and steps searched on a small grid."""
+    assert main(["--quiet", "world", "build", "--kind", "text", "--out", str(tmp / "world")]) == 0
+    demo = yaml.safe_load((ROOT / "recipes" / "demo-text.yaml").read_text())
+    persons = [c["name"] for c in demo["concepts"]]
     recipe = {
         "model": str(WORLD_LLAMA),
-        "site": "layers.1",
         "concepts": [{"kind": "person", "name": p} for p in persons],
-        "data": {"train": str(tmp / "train.jsonl"), "eval": str(tmp / "eval.jsonl")},
+        "data": {f: str(tmp / "world" / f"{f}.jsonl") for f in ("train", "validation", "eval")},
         "sae": {"epochs": 2},
         "edit": {"method": "subspace"},
-        "eval": {"fidelity_rows": 16, "forget_split": "facts", "generality_split": "facts_paraphrase"},
-        "subspace": {"latents": 8, **subspace},
+        "eval": {"fidelity_rows": 16},
+        "subspace": {"latents_grid": [4, 8], "lrs": [0.1], "step_grid": [50, 100], **subspace},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -68,6 +65,14 @@ def test_subspace_forgets_keeps_and_exports_exactly(subspace_run: tuple[Path, di
         assert m["exported"]["kl_vs_folded_retain"] < 1e-6 and m["exported"]["top1_agree_vs_folded"] == 1.0
         assert m["hooked"]["forget_acc"] is not None  # the clamp, for contrast
     assert report["gates"]["passed"]
+    # latents, lr and steps were chosen on validation rows: the chosen point passed there
+    cal = report["calibration"]
+    assert cal["validation"]["source"].endswith("validation.jsonl") and cal["evaluations"] >= 1
+    chosen = [e for e in cal["table"] if e["chosen"]]
+    assert {e["concept"] for e in chosen} == {f"person:{p}" for p in persons}
+    assert all(e["passed"] and e["top_n"] == cal["subspace"]["latents"] for e in chosen)
+    assert report["fold"]["description"]["steps"] == cal["subspace"]["steps"]
+    assert all(len(c["features"]) == cal["subspace"]["latents"] for c in report["concepts"])
     assert any(ch["name"].endswith("KL(folded||exported) retain <= 0.05") for ch in report["gates"]["checks"])
     assert "Fidelity to the folded reference" in (run / "report.md").read_text()
 
@@ -94,6 +99,26 @@ def test_patch_lies_in_the_span_of_the_selected_decoder_directions(
     writes = report["fold"]["description"]["writes"]
     assert set(writes) == {str(f) for f in features} and all(v >= 0 for v in writes.values())
     assert max(writes.values()) > 0
+
+
+def test_report_and_card_list_each_latent_with_its_top_train_tokens(
+    subspace_run: tuple[Path, dict, list[str]],
+) -> None:
+    run, report, _ = subspace_run
+    tokens = report["fold"]["top_tokens"]
+    features = report["fold"]["description"]["features"]
+    assert set(tokens) == {str(f) for f in features}
+    train_ids = {r.id for r in read_rows(report["recipe"]["data"]["train"])}
+    for found in tokens.values():
+        acts = [t["act"] for t in found]
+        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+        assert all(t["row"] in train_ids and t["token"] for t in found)
+    assert any(tokens.values())
+    card = (run / "export" / "model" / "README.md").read_text()
+    for text in ((run / "report.md").read_text(), card):
+        assert "## Latents of the subspace patch" in text
+        for f in features:
+            assert f"| {f} | person:" in text
 
 
 def test_suppress_loss_is_a_hinge_on_the_answer_logit() -> None:
