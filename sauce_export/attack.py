@@ -3,7 +3,8 @@
 Scores the model on the recipe's evaluation rows, then after every attack of
 ``evaluate/attacks.py`` (relearning, quantization, prompts, probes), against the recipe's original
 model. All of the recipe's concepts are attacked together (compare's ``multi`` setting); the probes
-are fitted on the validation rows only (``data.validation`` or the run's carve-out of train).
+are fitted on the validation rows only (``data.validation`` or the run's carve-out of train, which
+relearning never draws from).
 Writes OUT/attack.json and OUT/attack.md.
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sauce_export.compare import attack_suite, eval_set, setting_rows, utility_rows
+from sauce_export.compare import attack_suite, eval_set, setting_rows, train_validation, utility_rows
+from sauce_export.data import read_rows
 from sauce_export.evaluate.attacks import AttackConfig
 from sauce_export.lm import load_model
 from sauce_export.recipe import Recipe
@@ -30,18 +32,15 @@ def attack(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Attack ``model_path`` (an unlearned checkpoint of ``recipe.model``); returns attack.json's content."""
-    from sauce_export.pipeline import Run
-
     model = load_model(model_path, where="--model").model  # a bad path fails before any work
-    run = Run(recipe, out, progress=False)
+    train_rows, validation, validation_note = train_validation(recipe)
+    eval_rows = read_rows(recipe.data.eval)
     concepts = [c.concept() for c in recipe.concepts]
-    rows = setting_rows(run.train_rows, run.eval_rows, concepts, recipe)
+    rows = setting_rows(train_rows, eval_rows, concepts, recipe)
     facts, utility_note = utility_rows(recipe, utility)
     original = load_model(recipe.model, where=recipe.path)
     evals = eval_set(original, rows, facts, recipe.eval.batch_size)
-    suite = attack_suite(
-        original, rows, evals, run.validation_rows, run.eval_rows, cfg, recipe.eval.batch_size
-    )
+    suite = attack_suite(original, rows, evals, validation, eval_rows, cfg, recipe.eval.batch_size)
     before = evals.score(model, suite.original["concepts"])
     log(f"before: score {before['score']:.3f}")
     result = {
@@ -50,7 +49,7 @@ def attack(
         "original_model": recipe.model,
         "concepts": [str(c) for c in concepts],
         "utility": utility_note,
-        "validation": run.validation_source,
+        "validation": validation_note,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "original": {"plain": suite.original, "context": suite.context_original},
         "before": before,

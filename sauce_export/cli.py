@@ -173,7 +173,11 @@ def _add_compare(sub: Any) -> None:
     cmp.add_argument("--run", type=Path, required=True, help="finished run directory to reuse (runs/demo)")
     cmp.add_argument("--settings", default="single,multi,both", help="comma list of single, multi, both")
     cmp.add_argument("--methods", default="GA,GD,KL,PO,NPO", help="comma list of baselines")
-    cmp.add_argument("--steps", type=int, default=60, help="training steps per baseline (default 60)")
+    cmp.add_argument(
+        "--steps",
+        default="20,40,60",
+        help="steps at which each baseline run is scored on validation rows; it trains for the last",
+    )
     cmp.add_argument(
         "--batch-size", type=int, default=16, help="forget and retain rows per step (default 16)"
     )
@@ -187,6 +191,13 @@ def _add_compare(sub: Any) -> None:
         help="JSONL rows of general questions for the utility column (default: the world's facts.jsonl "
         "beside data.train; without either, utility is not measured)",
     )
+    cmp.add_argument(
+        "--attacks", action="store_true", help="also attack every method's model (docs/attack.md)"
+    )
+    cmp.add_argument("--attack-steps", default="5,20,50", help="relearning steps at which attacks score")
+    cmp.add_argument("--attack-lrs-full", default="1e-4,1e-3", help="relearning learning rates, full")
+    cmp.add_argument("--attack-lrs-lora", default="1e-3,1e-2", help="relearning learning rates, LoRA")
+    _add_threads(cmp)
     table = sub.add_parser(
         "compare-readme",
         help="write the summary table of a compare.json into README.md between its compare markers",
@@ -215,16 +226,31 @@ def _add_attack(sub: Any) -> None:
     att.add_argument("--quant", default="int8,int4", help="comma list of int8, int4 (or empty)")
     att.add_argument("--seed", type=int, default=0, help="data order, LoRA init and context seed")
     att.add_argument("--utility", type=Path, help="JSONL rows for the utility column (as for compare)")
+    _add_threads(att)
 
 
-def _numbers(value: str, field: str, kind: type = float) -> tuple[Any, ...]:
+def _add_threads(parser: Any) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)"
+    )
+
+
+def _set_threads(args: argparse.Namespace, command: str) -> None:
+    if args.threads < 1:
+        raise InputError(command, "--threads", f"{args.threads}: must be positive")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def _numbers(value: str, field: str, kind: type = float, command: str = "attack") -> tuple[Any, ...]:
     """A comma list of positive numbers, or an InputError naming the option."""
     try:
         numbers = tuple(kind(x) for x in value.split(",") if x)
     except ValueError:
-        raise InputError("attack", field, f"{value!r}: a comma list of numbers") from None
+        raise InputError(command, field, f"{value!r}: a comma list of numbers") from None
     if not numbers or min(numbers) <= 0:
-        raise InputError("attack", field, f"{value!r}: a comma list of positive numbers")
+        raise InputError(command, field, f"{value!r}: a comma list of positive numbers")
     return numbers
 
 
@@ -238,6 +264,7 @@ def _attack(args: argparse.Namespace) -> int:
         raise InputError("attack", "--quant", f"{args.quant!r}: use {', '.join(QUANT_BITS)}")
     if args.batch_size < 1 or args.unrelated_rows < 1:
         raise InputError("attack", "--batch-size/--unrelated-rows", "must be positive")
+    _set_threads(args, "attack")
     cfg = AttackConfig(
         steps=_numbers(args.steps, "--steps", int),
         lrs_full=_numbers(args.lrs_full, "--lrs-full"),
@@ -270,8 +297,21 @@ def _compare(args: argparse.Namespace) -> int:
         raise InputError("compare", "--settings", f"{args.settings!r}: use single, multi and/or both")
     if not methods or set(methods) - set(METHODS):
         raise InputError("compare", "--methods", f"{args.methods!r}: use {', '.join(METHODS)}")
-    if args.steps < 1 or args.batch_size < 1 or args.beta <= 0:
-        raise InputError("compare", "--steps/--batch-size/--beta", "must be positive")
+    steps = _numbers(args.steps, "--steps", int, "compare")
+    if args.batch_size < 1 or args.beta <= 0:
+        raise InputError("compare", "--batch-size/--beta", "must be positive")
+    _set_threads(args, "compare")
+    attacks = None
+    if args.attacks:
+        from sauce_export.evaluate.attacks import AttackConfig
+
+        attacks = AttackConfig(
+            steps=_numbers(args.attack_steps, "--attack-steps", int, "compare"),
+            lrs_full=_numbers(args.attack_lrs_full, "--attack-lrs-full", float, "compare"),
+            lrs_lora=_numbers(args.attack_lrs_lora, "--attack-lrs-lora", float, "compare"),
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     try:
         lrs = [[float(x) for x in v.split(",") if x] for v in (args.lrs_full, args.lrs_lora)]
     except ValueError:
@@ -286,13 +326,14 @@ def _compare(args: argparse.Namespace) -> int:
         args.run,
         only=only,
         methods=methods,
-        steps=args.steps,
+        steps=steps,
         batch_size=args.batch_size,
         beta=args.beta,
         seed=args.seed,
         lrs_full=lrs[0],
         lrs_lora=lrs[1],
         utility=args.utility,
+        attacks=attacks,
         log=log,
     )
     print(args.out / "compare.md")

@@ -16,10 +16,12 @@ destroying the model, or keeping the model by forgetting nothing, both score 0.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,12 +30,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from sauce_export.data import Concept, Row, read_rows
+from sauce_export.data import Concept, Row, hold_out, read_rows
 from sauce_export.errors import InputError
+from sauce_export.evaluate.attack_report import attack_table, relearn_plot
 from sauce_export.evaluate.attacks import AttackConfig, AttackData, attack_data, attack_model
 from sauce_export.evaluate.baselines import (
     METHODS,
     BaselineConfig,
+    TrainData,
     encode_train_data,
     forget_retain_rows,
     unlearn,
@@ -54,6 +58,10 @@ T = TypeVar("T")
 # answers within the step budget (measured), so both grids start where the loss starts to act.
 LRS_FULL = (1e-4, 3e-4, 1e-3)
 LRS_LORA = (3e-4, 1e-3, 3e-3)
+STEPS = (20, 40, 60)
+"""The steps at which each baseline run is scored on validation rows (it trains for the last)."""
+VALIDATION_ROWS = 256
+"""Retain and interference rows per concept scored on validation at most (a seeded sample)."""
 MEMORY_NOTE = (
     "peak resident set size (RSS, sampled every 5 ms from /proc/self/statm) minus RSS at start, "
     "after malloc_trim returned freed heap to the OS"
@@ -286,6 +294,109 @@ def sauce_checkpoint(recipe: Recipe, concepts: Sequence[Concept], run_dir: Path,
 
 
 # ---------------------------------------------------------------------------- the comparison
+def train_validation(recipe: Recipe) -> tuple[list[Row], list[Row], str]:
+    """(train rows, validation rows, where validation comes from): ``data.validation`` when given,
+    else the run's own deterministic carve-out of ``data.train`` (so no baseline trains on it)."""
+    data = recipe.data
+    if data.validation:
+        return read_rows(data.train), read_rows(data.validation), data.validation
+    train, held = hold_out(read_rows(data.train), data.validation_share)
+    return train, held, f"carved out of {data.train}: {data.validation_share:.0%} of each answer's images"
+
+
+def validation_set(
+    lm: LoadedModel, rows: SettingRows, validation: Sequence[Row], batch_size: int, seed: int
+) -> EvalSet:
+    """The setting's metric rows on the validation split (every split of the file), retain and
+    interference each a seeded sample of at most VALIDATION_ROWS: what every choice is made on."""
+    rng = random.Random(seed)
+    selections = {}
+    for c in rows.concepts:
+        sel = metric_rows(validation, c, None, None, removed=rows.concepts)
+        selections[str(c)] = {m: rng.sample(v, min(VALIDATION_ROWS, len(v))) for m, v in sel.items()}
+    return eval_set(lm, dataclasses.replace(rows, selections=selections), [], batch_size)
+
+
+@dataclasses.dataclass
+class Tuned:
+    """A baseline at the point (learning rate x steps) with the best validation score."""
+
+    model: torch.nn.Module
+    hparams: dict[str, Any]
+    validation_score: float
+    seconds: float
+    peak_mb: float
+    sweep: list[dict[str, Any]]
+
+
+def tune(
+    lm: LoadedModel,
+    data: TrainData,
+    method: str,
+    lora: bool,
+    lrs: Sequence[float],
+    steps: Sequence[int],
+    validation: EvalSet,
+    reference: dict[str, dict[str, Any]],
+    budget: dict[str, Any],
+) -> Tuned:
+    """Train one run per learning rate for max(steps) steps, score the validation rows after each of
+    ``steps`` against the original's ``reference`` metrics there, keep a copy of the best student;
+    the evaluation rows are never looked at here."""
+    sweep: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": -1.0}
+
+    def checkpoint(done: int, student: torch.nn.Module, lr: float) -> None:
+        if done not in steps:
+            return
+        score = validation.score(student, reference)["score"]
+        sweep.append({"hparams": {"lr": lr, "steps": done}, "validation_score": score})
+        if score > best["score"]:
+            best.update(score=score, lr=lr, steps=done, model=copy.deepcopy(student))
+
+    for lr in lrs:
+        cfg = BaselineConfig(
+            method, lora, max(steps), lr, budget["batch_size"], budget["beta"], budget["seed"]
+        )  # type: ignore[arg-type]
+        (_, losses), secs, peak = measured(
+            lambda cfg=cfg, lr=lr: unlearn(lm.model, data, cfg, lambda d, m: checkpoint(d, m, lr))
+        )
+        for point in sweep:
+            if point["hparams"]["lr"] == lr:
+                point.update(seconds=secs, peak_mb=peak, final_loss=round(losses[-1], 4))
+    model = best["model"].merge_and_unload() if lora else best["model"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hp = {"lr": best["lr"], "steps": best["steps"], "batch_size": budget["batch_size"], "lora": lora}
+    if method == "NPO":
+        hp["beta"] = budget["beta"]
+    chosen = next(p for p in sweep if p["hparams"] == {"lr": best["lr"], "steps": best["steps"]})
+    return Tuned(model.eval(), hp, best["score"], chosen["seconds"], chosen["peak_mb"], sweep)
+
+
+@dataclasses.dataclass
+class Scorer:
+    """Scores a setting's chosen models once on the evaluation rows, then attacks them."""
+
+    setting: str
+    evals: EvalSet
+    original: dict[str, dict[str, Any]]
+    suite: AttackSuite | None
+    log: Callable[[str], None]
+
+    def score(
+        self, method: str, model: torch.nn.Module, point: dict[str, Any], sweep: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        best = {**self.evals.score(model, self.original), **point}
+        self.log(f"[{self.setting}] {method}: score {best['score']:.3f}")
+        scored: dict[str, Any] = {"best": best, "sweep": sweep}
+        if self.suite is not None:
+            scored["attacks"] = self.suite.run(
+                model, best, lambda m: self.log(f"[{self.setting}] {method} {m}")
+            )
+        return scored
+
+
 def compare(
     recipe: Recipe,
     out: Path,
@@ -293,20 +404,24 @@ def compare(
     *,
     only: Sequence[str] = ("single", "multi", "both"),
     methods: Sequence[str] = METHODS,
-    steps: int = 60,
+    steps: Sequence[int] = STEPS,
     batch_size: int = 16,
     beta: float = 0.1,
     seed: int = 0,
     lrs_full: Sequence[float] = LRS_FULL,
     lrs_lora: Sequence[float] = LRS_LORA,
     utility: Path | None = None,
+    attacks: AttackConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score SAUCE's checkpoint and every baseline on each setting; writes OUT/compare.{json,md,png}.
-    ``utility``: a JSONL file of general questions for the utility column (default: see utility_rows)."""
+    Each baseline's learning rate x steps is chosen on validation rows; the evaluation rows are
+    scored once, on the chosen model. ``utility``: a JSONL file of general questions for the utility
+    column (default: see utility_rows). ``attacks``: also attack every method's model (docs/attack.md)."""
     if not (run_dir / "report.json").is_file():
         raise InputError(str(run_dir), "--run", "no report.json here: run `sauce-export run` first")
-    train_rows, eval_rows = read_rows(recipe.data.train), read_rows(recipe.data.eval)
+    train_rows, validation, validation_note = train_validation(recipe)
+    eval_rows = read_rows(recipe.data.eval)
     facts, utility_note = utility_rows(recipe, utility)
     concepts = [c.concept() for c in recipe.concepts]
     plans = {  # every setting's rows are checked before anything is loaded or trained
@@ -314,63 +429,64 @@ def compare(
         for name, chosen in settings(concepts).items()
         if name.split()[0] in only
     }
+    where = recipe.data.validation or recipe.data.train
+    for plan in plans.values():
+        for c in plan.concepts:
+            if not metric_rows(validation, c, None, None)["forget_acc"]:
+                raise InputError(where, "labels", f"no validation questions about {c}: nothing to choose on")
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(recipe.model, where=recipe.path)
+    budget = {
+        "steps": list(steps),
+        "batch_size": batch_size,
+        "beta": beta,
+        "seed": seed,
+        "lrs_full": list(lrs_full),
+        "lrs_lora": list(lrs_lora),
+        "lora_r": 8,
+    }
     result: dict[str, Any] = {
         "recipe": recipe.path,
         "run": str(run_dir),
         "utility": utility_note,
+        "validation": validation_note,
         "memory": MEMORY_NOTE,
-        "budget": {
-            "steps": steps,
-            "batch_size": batch_size,
-            "beta": beta,
-            "seed": seed,
-            "lrs_full": list(lrs_full),
-            "lrs_lora": list(lrs_lora),
-            "lora_r": 8,
-        },
+        "budget": budget,
+        "attack_config": None if attacks is None else dataclasses.asdict(attacks),
         "settings": {},
     }
     for name, rows in plans.items():
         chosen = rows.concepts
         log(f"[{name}] encoding")
         evals = eval_set(lm, rows, facts, recipe.eval.batch_size)
+        valid = validation_set(lm, rows, validation, recipe.eval.batch_size, seed)
+        reference = valid.score(lm.model, None)["concepts"]
         original = evals.score(lm.model, None)
-        data = encode_train_data(lm, rows.forget, rows.retain, steps, batch_size, seed)
+        data = encode_train_data(lm, rows.forget, rows.retain, max(steps), batch_size, seed)
+        suite = None
+        if attacks is not None:
+            suite = attack_suite(lm, rows, evals, validation, eval_rows, attacks, recipe.eval.batch_size)
         entry: dict[str, Any] = {"concepts": [str(c) for c in chosen], "original": original, "methods": {}}
+        result["settings"][name] = entry
+        scorer = Scorer(name, evals, original["concepts"], suite, log)
         sauce = sauce_checkpoint(recipe, chosen, run_dir, out)
-        scored = evals.score(load_model(sauce["path"], where="export").model, original["concepts"])
-        entry["methods"]["SAUCE (exported)"] = {"best": {**scored, **sauce, "hparams": {}}, "sweep": []}
-        log(f"[{name}] SAUCE score {scored['score']:.3f}")
+        model = load_model(sauce["path"], where="export").model
+        entry["methods"]["SAUCE (exported)"] = scorer.score(
+            "SAUCE (exported)", model, {**sauce, "hparams": {}}, []
+        )
+        write_outputs(result, out)
         for method in methods:
             for lora, lrs in ((False, lrs_full), (True, lrs_lora)):
-                sweep = []
-                for lr in lrs:
-                    cfg = BaselineConfig(method, lora, steps, lr, batch_size, beta, seed)  # type: ignore[arg-type]
-                    (model, losses), secs, peak = measured(
-                        lambda cfg=cfg, data=data: unlearn(lm.model, data, cfg)
-                    )
-                    point = evals.score(model, original["concepts"])
-                    hp = {"lr": lr, "steps": steps, "batch_size": batch_size, "lora": lora}
-                    if method == "NPO":
-                        hp["beta"] = beta
-                    sweep.append(
-                        {
-                            **point,
-                            "hparams": hp,
-                            "seconds": secs,
-                            "peak_mb": peak,
-                            "final_loss": round(losses[-1], 4),
-                        }
-                    )
-                    log(
-                        f"[{name}] {method} {'LoRA' if lora else 'full'} lr={lr:g}: score {point['score']:.3f} ({secs}s)"
-                    )
-                best = max(sweep, key=lambda p: p["score"])
-                entry["methods"][f"{method} ({'LoRA' if lora else 'full'})"] = {"best": best, "sweep": sweep}
-        result["settings"][name] = entry
-        write_outputs(result, out)
+                tuned = tune(lm, data, method, lora, lrs, steps, valid, reference, budget)
+                point = {
+                    "hparams": tuned.hparams,
+                    "validation_score": tuned.validation_score,
+                    "seconds": tuned.seconds,
+                    "peak_mb": tuned.peak_mb,
+                }
+                label = f"{method} ({'LoRA' if lora else 'full'})"
+                entry["methods"][label] = scorer.score(label, tuned.model, point, tuned.sweep)
+                write_outputs(result, out)
     return result
 
 
@@ -391,10 +507,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"Recipe `{result['recipe']}`, SAUCE run `{result['run']}`. Accuracies are exact greedy answers "
         "on the eval data's forget split (forget, retain, interference) and generality split "
         f"(paraphrases), means over the setting's concepts; utility: {result['utility']}. Score = harmonic mean of "
-        "(1 - forget/orig), retain/orig, interference/orig, each clipped to [0, 1]. Baselines: best of "
-        f"the learning-rate sweep by score; budget {json.dumps(result['budget'])}. Memory: {result['memory']}.",
+        "(1 - forget/orig), retain/orig, interference/orig, each clipped to [0, 1]. Baselines: the "
+        "learning rate x steps with the best score on validation rows "
+        f"({result.get('validation', 'not recorded')}), then scored once on the evaluation rows; budget "
+        f"{json.dumps(result['budget'])}. Memory: {result['memory']}.",
         "",
     ]
+    if result.get("attack_config"):
+        lines += [
+            "Attacks (docs/attack.md): each cell is the score after the attack and, in "
+            "brackets, the mean forget accuracy; robust = the score after the worst attack. Attack budget "
+            f"{json.dumps(result['attack_config'])}.",
+            "",
+        ]
     head = [
         "method",
         "hparams",
@@ -430,6 +555,9 @@ def markdown(result: dict[str, Any]) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        table = attack_table(entry["methods"])
+        if table:
+            lines += [f"### {name}: attacks", "", *table, ""]
     return "\n".join(lines)
 
 
@@ -442,7 +570,9 @@ def summary_markdown(result: dict[str, Any]) -> str:
     methods = sorted(
         {m.rsplit(" (", 1)[0] for e in result["settings"].values() for m in e["methods"]} - {"SAUCE"}
     )
-    head = ["setting", "SAUCE (exported)", "best baseline", *(f"{m} full / LoRA" for m in methods)]
+    robust = any("attacks" in v for e in result["settings"].values() for v in e["methods"].values())
+    extra = ["SAUCE robust", "best baseline robust"] if robust else []
+    head = ["setting", "SAUCE (exported)", "best baseline", *extra, *(f"{m} full / LoRA" for m in methods)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in result["settings"].items():
         best = {m: v["best"] for m, v in entry["methods"].items()}
@@ -457,6 +587,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
             name if name.startswith("single ") else f"{name}: {', '.join(entry['concepts'])}",
             _fmt(best["SAUCE (exported)"]["score"]),
             f"{_fmt(top['score'])} ({', '.join(winners)})" if top else "-",
+            *(_robust(entry["methods"]) if robust else []),
             *(
                 " / ".join(_fmt(best.get(f"{m} ({kind})", {}).get("score")) for kind in ("full", "LoRA"))
                 for m in methods
@@ -466,12 +597,28 @@ def summary_markdown(result: dict[str, Any]) -> str:
     budget = result["budget"]
     lines += [
         "",
-        f"Scores (higher is better) from `{result.get('source', 'compare.json')}`; every baseline at its "
-        f"best learning rate (full {', '.join(f'{x:g}' for x in budget['lrs_full'])}; LoRA r={budget['lora_r']} "
-        f"{', '.join(f'{x:g}' for x in budget['lrs_lora'])}), {budget['steps']} steps of batch "
-        f"{budget['batch_size']}, NPO beta {budget['beta']:g}, seed {budget['seed']}.",
+        f"Scores (higher is better) from `{result.get('source', 'compare.json')}`; every baseline at the "
+        f"learning rate x steps with the best score on validation rows (full {', '.join(f'{x:g}' for x in budget['lrs_full'])}; "
+        f"LoRA r={budget['lora_r']} {', '.join(f'{x:g}' for x in budget['lrs_lora'])}; steps {_steps(budget['steps'])} "
+        f"of batch {budget['batch_size']}), NPO beta {budget['beta']:g}, seed {budget['seed']}; the evaluation rows "
+        "scored once." + (" Robust: the score after the worst attack (docs/attack.md)." if robust else ""),
     ]
     return "\n".join(lines)
+
+
+def _steps(steps: int | list[int]) -> str:
+    return ", ".join(map(str, steps)) if isinstance(steps, list) else str(steps)
+
+
+def _robust(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """(SAUCE's robust score, the best baseline's with its name) for the README's summary row."""
+    scores = {m: v["attacks"]["robust_score"] for m, v in methods.items() if "attacks" in v}
+    sauce = scores.pop("SAUCE (exported)", None)
+    if not scores:
+        return [_fmt(sauce), "-"]
+    top = max(scores.values())
+    names = ", ".join(m.replace(" (", " ").rstrip(")") for m, v in scores.items() if v == top)
+    return [_fmt(sauce), f"{_fmt(top)} ({names})"]
 
 
 def update_readme(readme: Path, compare_json: Path) -> None:
@@ -523,3 +670,4 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=110)
     plt.close(fig)
+    relearn_plot({n: e["methods"] for n, e in result["settings"].items()}, out / "compare-relearn.png")

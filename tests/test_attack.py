@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sauce_export.cli import main
+from sauce_export.compare import README_BEGIN, README_END
 from sauce_export.data import Concept, read_rows
 from sauce_export.evaluate.attacks import Probes, fake_quantize, halves, quantized, relearn, relearn_batches
 from sauce_export.evaluate.baselines import answer_nll, forget_retain_rows
@@ -138,3 +139,46 @@ def test_attack_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.C
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_compare_attacks_every_chosen_model(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`compare --attacks`: SAUCE and each baseline (chosen on validation rows) get the same attacks;
+    the report, the README table's robust columns and the relearning plot come from them."""
+    out = tmp_path / "cmp"
+    argv = [
+        "--quiet",
+        "compare",
+        str(tiny_run.parent / "recipe.yaml"),
+        "--run",
+        str(tiny_run),
+        "--out",
+        str(out),
+    ]
+    argv += ["--settings", "multi", "--methods", "PO", "--steps", "1,2", "--batch-size", "8"]
+    argv += ["--lrs-full", "1e-3", "--lrs-lora", "1e-2", "--attacks", "--attack-steps", "1,2"]
+    assert main([*argv, "--attack-lrs-full", "1e-2", "--attack-lrs-lora", "1e-1"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    (entry,) = result["settings"].values()
+    assert set(entry["methods"]) == {"SAUCE (exported)", "PO (full)", "PO (LoRA)"}
+    names = None
+    for method in entry["methods"].values():
+        found = method["attacks"]
+        assert names is None or list(found["attacks"]) == names
+        names = list(found["attacks"])
+        assert found["robust_score"] == min(p["score"] for p in found["attacks"].values())
+    assert "relearn concept LoRA 2" in names and "int4" in names
+    assert (out / "compare-relearn.png").stat().st_size > 0
+    md = (out / "compare.md").read_text()
+    sauce = entry["methods"]["SAUCE (exported)"]["attacks"]
+    assert f"| SAUCE (exported) | {entry['methods']['SAUCE (exported)']['best']['score']:.3f} (" in md
+    assert f"| {sauce['robust_score']:.3f} | {sauce['worst_attack']} |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    assert main(["compare-readme", str(out / "compare.json"), "--readme", str(readme)]) == 0
+    header, _, row = readme.read_text().splitlines()[1:4]
+    assert "| SAUCE robust | best baseline robust |" in header
+    baseline = max(entry["methods"][m]["attacks"]["robust_score"] for m in ("PO (full)", "PO (LoRA)"))
+    assert f"| {sauce['robust_score']:.3f} | {baseline:.3f} (PO " in row
+    capsys.readouterr()

@@ -116,7 +116,7 @@ def test_compare_end_to_end_and_readme_table(
     """`compare` scores SAUCE and the baselines consistently; `compare-readme` renders what it wrote."""
     out = tmp_path / "cmp"
     argv = ["--quiet", "compare", str(tiny_run.parent / "recipe.yaml"), "--run", str(tiny_run)]
-    argv += ["--out", str(out), "--settings", "single", "--methods", "GA,NPO", "--steps", "2"]
+    argv += ["--out", str(out), "--settings", "single", "--methods", "GA,NPO", "--steps", "1,2"]
     assert main([*argv, "--batch-size", "4", "--lrs-full", "1e-3", "--lrs-lora", "1e-3,3e-3"]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert (out / "compare.png").stat().st_size > 0
@@ -125,15 +125,18 @@ def test_compare_end_to_end_and_readme_table(
     expected = {"SAUCE (exported)", "GA (full)", "GA (LoRA)", "NPO (full)", "NPO (LoRA)"}
     for entry in result["settings"].values():
         assert set(entry["methods"]) == expected
-        assert len(entry["methods"]["GA (LoRA)"]["sweep"]) == 2
+        assert len(entry["methods"]["GA (LoRA)"]["sweep"]) == 4  # 2 learning rates x 2 steps
         for method in entry["methods"].values():
             best = method["best"]
             (name,) = best["concepts"]
             want = summary_score(best["concepts"][name], entry["original"]["concepts"][name])
             assert best["score"] == pytest.approx(want) and 0.0 <= want <= 1.0
             assert best["seconds"] > 0
-            if method["sweep"]:
-                assert best["score"] == max(p["score"] for p in method["sweep"])
+            if method["sweep"]:  # chosen on validation rows, never on the evaluation rows
+                assert best["validation_score"] == max(p["validation_score"] for p in method["sweep"])
+                chosen = {k: best["hparams"][k] for k in ("lr", "steps")}
+                assert chosen in [p["hparams"] for p in method["sweep"]]
+                assert not any("score" in p or "concepts" in p for p in method["sweep"])
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_BEGIN}\nstale\n{README_END}\noutro\n")

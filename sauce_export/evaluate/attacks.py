@@ -39,6 +39,8 @@ from sauce_export.lm import Batch, LoadedModel, batches, encode_batch
 QUANT_BITS = {"int8": 8, "int4": 4}
 QUANT_BLOCK = 32
 RELEARN_STEPS = (5, 20, 50)
+PROBE_ROWS = 512
+"""Validation rows a concept's probes are fitted on at most (a seeded sample)."""
 
 Score = Callable[[nn.Module], dict[str, Any]]
 """A model -> {"concepts": {concept: metrics}, "score": summary score, ...} (compare's EvalSet.score)."""
@@ -184,8 +186,10 @@ def _with_bias(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ProbeSet:
-    """A concept's probes (fitted on the original's validation questions about its kind) and the
-    evaluation forget rows they are applied to."""
+    """A concept's probes and the evaluation forget rows they are applied to. The probes read the
+    concept's identity (``labels[kind]``: the person, the event, ...) from the original model's
+    validation questions about its kind - the answer itself on an image world, the subject of a
+    fact question ("What job does P have?") on a fact world."""
 
     concept: Concept
     probes: Probes
@@ -204,11 +208,13 @@ class ProbeSet:
         forget: Sequence[Row],
         batch_size: int,
     ) -> ProbeSet:
-        rows = [r for r in validation if r.question_kind == concept.kind]
+        about = [r for r in validation if r.subject == concept.kind and concept.kind in r.labels]
+        rows = random.Random(0).sample(about, min(PROBE_ROWS, len(about)))
+        names = [r.labels[concept.kind] for r in rows]
         states = prompt_states(lm.model, list(batches(lm, rows, batch_size)))
-        probes = Probes.fit(states, [r.answer for r in rows])
+        probes = Probes.fit(states, names)
         hits = [
-            sum(p == r.answer for p, r in zip(layer, rows, strict=True)) / len(rows)
+            sum(p == n for p, n in zip(layer, names, strict=True)) / len(rows)
             for layer in probes.predict(states)
         ]
         made = cls(concept, probes, list(batches(lm, forget, batch_size)), hits)

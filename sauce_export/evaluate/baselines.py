@@ -165,18 +165,22 @@ class _Disabled(torch.nn.Module):
 
 
 def unlearn(
-    model: torch.nn.Module, data: TrainData, cfg: BaselineConfig
+    model: torch.nn.Module,
+    data: TrainData,
+    cfg: BaselineConfig,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train a copy of ``model`` with one baseline; returns (plain unlearned model, loss per step).
 
     The input model is left untouched (it is the next sweep point's start and NPO/KL's reference).
+    ``on_step``: as for ``train_copy`` (compare scores validation rows there to choose the steps).
     """
 
     def loss(student: torch.nn.Module, reference: torch.nn.Module, step: int) -> torch.Tensor:
         i = step % len(data.forget)
         return method_loss(cfg, student, reference, data.forget[i], data.retain[i], data.refusal[i])
 
-    return train_copy(model, cfg, loss)
+    return train_copy(model, cfg, loss, on_step)
 
 
 StepLoss = Callable[[torch.nn.Module, torch.nn.Module, int], torch.Tensor]
