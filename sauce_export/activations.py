@@ -59,10 +59,25 @@ class ActivationStore:
     def d_in(self) -> int:
         return int(self.manifest["d_in"])
 
+    @property
+    def tokens_stored(self) -> int:
+        """Activations in the store (0 for a store written before the count was kept)."""
+        return int(self.manifest.get("tokens", 0))
+
     def shards(self) -> Iterator[Shard]:
         for name in self.manifest["shards"]:
             t = load_file(self.directory / name)
             yield Shard(t["acts"], t["row"], t["pos"], t["image"].bool(), t["answer"].bool())
+
+    def part(self, rank: int, world: int) -> ActivationStore:
+        """The shards rank ``rank`` of ``world`` trains on: the ones it collected when this store was
+        collected by ``world`` ranks, else every world-th shard from ``rank`` (disjoint, covering)."""
+        view = ActivationStore.__new__(ActivationStore)
+        view.directory = self.directory
+        parts = self.manifest.get("parts")
+        shards = parts[rank] if parts and len(parts) == world else self.manifest["shards"][rank::world]
+        view.manifest = {**self.manifest, "shards": shards}
+        return view
 
     def tokens(self, keep: Callable[[Shard], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
         """Activation chunks ``[n, d]``, optionally filtered per token by ``keep(shard) -> bool mask``."""
@@ -86,9 +101,17 @@ def _token_mask(lm: LoadedModel, ids: torch.Tensor, attention: torch.Tensor, sco
 
 @torch.no_grad()
 def collect(
-    lm: LoadedModel, rows: Sequence[Row], cfg: CollectConfig, out: Path, progress: bool = True
+    lm: LoadedModel,
+    rows: Sequence[Row],
+    cfg: CollectConfig,
+    out: Path,
+    progress: bool = True,
+    part: tuple[int, int] = (0, 1),
 ) -> ActivationStore:
-    """Run the model over ``rows`` and store the site's activations; resumes a partial ``out``."""
+    """Run the model over ``rows`` and store the site's activations; resumes a partial ``out``.
+
+    ``part=(rank, world)``: only every world-th row from ``rank`` (in the fixed order below), with
+    the stored ``row`` indices still into all of ``rows`` (``merge_parts`` then lists every part)."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = {
@@ -99,9 +122,11 @@ def collect(
         "d_in": 0,
         "complete": False,
     }
+    if part != (0, 1):
+        manifest["part"] = list(part)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old["config"] == manifest["config"] and old["rows"] == len(rows):
+        if all(old.get(k) == manifest.get(k) for k in ("config", "rows", "part")):
             manifest = old
     if manifest["complete"]:
         return ActivationStore(out)
@@ -130,12 +155,13 @@ def collect(
             save_file({k: v.contiguous() for k, v in merged.items()}, tmp)
             os.replace(tmp, out / name)
             manifest["shards"].append(name)
+            manifest["tokens"] = manifest.get("tokens", 0) + merged["acts"].shape[0]
             buffer.clear()
         manifest["done_rows"] = processed
         manifest_path.write_text(json.dumps(manifest, indent=1))
 
     # A fixed order (image rows first, as batches() groups them); resuming skips flushed chunks.
-    order = sorted(range(len(rows)), key=lambda i: rows[i].image is None)
+    order = sorted(range(len(rows)), key=lambda i: rows[i].image is None)[part[0] :: part[1]]
     start = manifest["done_rows"]
     counter = bar(len(order), f"collect {cfg.site}", progress, initial=start)
     try:
@@ -170,4 +196,24 @@ def collect(
         counter.close()
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=1))
+    return ActivationStore(out)
+
+
+def merge_parts(out: Path, parts: Sequence[Path]) -> ActivationStore:
+    """One store at ``out`` listing the shards of the stores in ``parts`` (subdirectories of ``out``
+    that ranks collected), keeping which part each shard came from for ``ActivationStore.part``."""
+    stores = [ActivationStore(p) for p in parts]
+    lists = [[str(s.directory.relative_to(out) / name) for name in s.manifest["shards"]] for s in stores]
+    first = stores[0].manifest
+    manifest = {
+        "config": first["config"],
+        "rows": first["rows"],
+        "done_rows": sum(s.manifest["done_rows"] for s in stores),
+        "tokens": sum(s.tokens_stored for s in stores),
+        "shards": [name for names in lists for name in names],
+        "parts": lists,
+        "d_in": max(s.d_in for s in stores),
+        "complete": True,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return ActivationStore(out)

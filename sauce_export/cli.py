@@ -12,13 +12,14 @@ import dataclasses
 import inspect
 import itertools
 import json
+import os
 import sys
 import textwrap
 import typing
 from pathlib import Path
 from typing import Any
 
-from sauce_export.errors import CalibrationFailed, InputError
+from sauce_export.errors import CalibrationFailed, InputError, RankExit
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -354,6 +355,8 @@ def _run_stage(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     override(recipe.runtime, args.device, args.dtype)
+    if "WORLD_SIZE" in os.environ and args.command != "run":  # see sauce_export/distributed.py
+        raise InputError("torchrun", "command", f"only `run` runs under torchrun, not `{args.command}`")
     if not getattr(args, "dry_run", False) and (getattr(args, "model", None) or getattr(args, "json", False)):
         raise InputError("run", "--model/--json", "only with --dry-run")
     if getattr(args, "dry_run", False):
@@ -364,7 +367,14 @@ def _run_stage(args: argparse.Namespace) -> int:
         return 0
     progress = not args.quiet
     if args.command in ("run", "verify"):
-        report = run_all(recipe, args.out, progress)
+        from sauce_export import distributed
+
+        try:
+            report = run_all(recipe, args.out, progress)
+        finally:
+            distributed.close()
+        if not distributed.is_main():
+            return 0  # under torchrun rank 0 prints the tables and sets the exit status
         print(result_table(report))
         print("\n" + fidelity_table(report))
         if args.command == "verify":
@@ -418,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return _convert(args)
         return _run_stage(args)
+    except RankExit as err:  # under torchrun: a peer rank failed and said why
+        return err.code
     except InputError as err:
         print(f"sauce-export: error: {err}", file=sys.stderr)
         return 2

@@ -40,3 +40,11 @@ class CalibrationFailed(Exception):
     def __init__(self, message: str, table: list[dict[str, Any]]) -> None:
         super().__init__(message)
         self.table = table
+
+
+class RankExit(Exception):
+    """Under torchrun: a peer rank failed (and printed why); this rank ends with the same ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"another rank failed (exit {code})")
+        self.code = code

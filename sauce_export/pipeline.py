@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from sauce_export.activations import ActivationStore, CollectConfig, collect
+from sauce_export import distributed
+from sauce_export.activations import ActivationStore, CollectConfig, collect, merge_parts
 from sauce_export.architectures import resolve_site
 from sauce_export.calibrate import EditSettings, Point, Search, Validation, calibrate
 from sauce_export.data import Concept, Row, concept_split, hold_out, read_rows
@@ -55,12 +56,15 @@ from sauce_export.subspace import fit_subspace, top_tokens
 from sauce_export.subspace import search as subspace_search
 from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
 
+STAGES = ("collect", "train-sae", "select", "calibrate", "fold", "export", "verify")
+
 
 class Run:
     """One recipe executed into one output directory."""
 
     def __init__(self, recipe: Recipe, out: Path, progress: bool = True) -> None:
-        self.recipe, self.out, self.progress = recipe, Path(out), progress
+        # Under torchrun only rank 0 draws progress bars and stage lines.
+        self.recipe, self.out, self.progress = recipe, Path(out), progress and distributed.is_main()
         check_writable(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lm: LoadedModel | None = None
@@ -73,6 +77,7 @@ class Run:
         self._placement: Placement | None = None
         self._split: tuple[list[Row], list[Row]] | None = None
         self._reported: set[str] = set()
+        self._tokens = 0  # tokens through any model forward of this Run (the stages' throughput)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -80,15 +85,29 @@ class Run:
         """``runtime`` resolved from config.json alone, so a skipped stage never loads the model."""
         if self._placement is None:
             r = self.recipe
-            self._placement = placement(r.runtime, read_config(r.model, r.path), r.path)
+            chosen = placement(r.runtime, read_config(r.model, r.path), r.path)
+            # Under torchrun: join the ranks here, before any stage; each rank takes its own GPU.
+            device = distributed.init(chosen.device, chosen.device_map, r.path)
+            self._placement = replace(chosen, device=device)
         return self._placement
 
     @property
     def lm(self) -> LoadedModel:
         if self._lm is None:
             self._lm = load_model(self.recipe.model, where=self.recipe.path, **self.placement.load_options())
+            self.count_tokens(self._lm.model)
             resolve_site(self._lm.model, self.recipe.site, self.recipe.path)  # fail before any work
         return self._lm
+
+    def count_tokens(self, model: torch.nn.Module) -> None:
+        """Add the real (unpadded) tokens of every forward of ``model`` to this Run's count."""
+
+        def count(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._tokens += int(mask.sum()) if mask is not None else ids.numel() if ids is not None else 0
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
 
     def _ensure_data(self) -> None:
         data = self.recipe.data
@@ -142,24 +161,44 @@ class Run:
 
     # ------------------------------------------------------------------ stage bookkeeping
     def _stage(
-        self, name: str, key: dict[str, Any], body: Callable[[Path], dict[str, Any]]
+        self,
+        name: str,
+        key: dict[str, Any],
+        body: Callable[[Path], dict[str, Any]],
+        every_rank: bool = False,
     ) -> dict[str, Any]:
+        """Run ``body`` unless ``stage.json`` holds this key's result. Under torchrun rank 0 decides
+        (so every rank takes the same path) and runs ``body`` alone, handing its result to the
+        others, unless ``every_rank``: then every rank runs it (it splits the work itself)."""
         directory = self.out / name
         # A result computed in another dtype is another result (the device is not: same numbers).
         digest = json.dumps({**key, "dtype": str(self.placement.dtype)}, sort_keys=True, default=str)
         marker = directory / "stage.json"
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done.get("key") == digest:
-                self._announce(name, None)
-                return done["result"]
+
+        def finished() -> dict[str, Any] | None:
+            done = json.loads(marker.read_text()) if marker.exists() else {}
+            return done["result"] if done.get("key") == digest else None
+
+        done = distributed.on_main(finished)
+        if done is not None:
+            self._announce(name, None)
+            return done
         directory.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        result = body(directory)
+        start, before = time.time(), self._tokens
+        result = body(directory) if every_rank else distributed.on_main(lambda: body(directory))
         seconds = time.time() - start
-        marker.write_text(
-            json.dumps({"key": digest, "seconds": round(seconds, 2), "result": result}, indent=1)
+        # Tokens through the model (every rank's); the SAE stages report the activations they read.
+        tokens = int(
+            distributed.all_sum(torch.tensor(self._tokens - before)) if every_rank else self._tokens - before
         )
+        tokens = int(result.get("tokens", tokens))
+        if distributed.is_main():
+            cost = {
+                "seconds": round(seconds, 2),
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            }
+            marker.write_text(json.dumps({"key": digest, **cost, "result": result}, indent=1))
         self._announce(name, seconds)
         return result
 
@@ -168,6 +207,16 @@ class Run:
         if name not in self._reported:
             self._reported.add(name)
             stage_done(name, seconds, self.progress)
+
+    def cost(self) -> dict[str, dict[str, Any]]:
+        """Each finished stage's seconds, tokens and tokens/s as its stage.json recorded them."""
+        out = {}
+        for name in STAGES:
+            marker = self.out / name / "stage.json"
+            if marker.exists():
+                done = json.loads(marker.read_text())
+                out[name] = {k: done.get(k) for k in ("seconds", "tokens", "tokens_per_s")}
+        return out
 
     def sample_rows(self) -> list[Row]:
         """The seeded sample of training rows whose activations the collect stage stores."""
@@ -204,10 +253,18 @@ class Run:
 
         def body(directory: Path) -> dict[str, Any]:
             rows = self.sample_rows()  # bad data fails before the model loads
-            store = collect(self.lm, rows, cfg, directory / "acts", progress=self.progress)
+            acts, world = directory / "acts", distributed.world()
+            if world == 1:
+                store = collect(self.lm, rows, cfg, acts, progress=self.progress)
+            else:  # each rank its share of the rows, into its own part; rank 0 lists them all
+                rank, parts = distributed.rank(), [acts / f"rank-{i}" for i in range(world)]
+                distributed.together(
+                    lambda: collect(self.lm, rows, cfg, parts[rank], self.progress, (rank, world))
+                )
+                store = distributed.on_main(lambda: merge_parts(acts, parts))
             return {"d_in": store.d_in, "shards": len(store.manifest["shards"])}
 
-        self._stage("collect", key, body)
+        self._stage("collect", key, body, every_rank=True)
         return ActivationStore(self.out / "collect" / "acts")
 
     def sae(self) -> SAE:
@@ -224,16 +281,26 @@ class Run:
 
         def body(directory: Path) -> dict[str, Any]:
             store = self.collect()
+            own = store.part(distributed.rank(), distributed.world())  # each rank reads its own shards
             if external is not None:
                 with about_sae_path(r):
                     check_sae(external, d_in=store.d_in, where=str(r.sae.path))
-                sae, stats = external, sae_stats(external, store)
+                sae, stats = external, distributed.together(lambda: sae_stats(external, own))
             else:
                 check_sae_width(r, store.d_in)
-                sae, stats = train_sae(store, store.d_in, r.sae.train_config(), progress=self.progress)
+
+                def train() -> tuple[SAE, Any]:  # DistributedDataParallel under torchrun
+                    return train_sae(own, store.d_in, r.sae.train_config(), progress=self.progress)
+
+                sae, stats = distributed.together(train)
                 sae.cfg.site, sae.cfg.model = expected_site, r.model
-            save_sae(sae, directory / "sae")
+            distributed.on_main(lambda: save_sae(sae, directory / "sae"))
+            trained = r.sae.train_config()
             return {
+                # Activations read: each training step's batch, or one pass to measure a given SAE.
+                "tokens": store.tokens_stored
+                if external is not None
+                else trained.total_steps(store.tokens_stored) * trained.batch_size,
                 "fvu": stats.fvu,
                 "l0": stats.l0,
                 "dead_frac": stats.dead_frac,
@@ -243,7 +310,7 @@ class Run:
                 "source": r.sae.path or "trained",
             }
 
-        self.sae_info = self._stage("train-sae", key, body)
+        self.sae_info = self._stage("train-sae", key, body, every_rank=True)
         # float32 (as trained) next to the model: the edit casts each hidden state to it and back.
         return load_sae(self.out / "train-sae" / "sae").to(self.placement.device)
 
@@ -297,7 +364,7 @@ class Run:
                 if not any(ranked[name].values()):
                     raise InputError(r.path, "select", f"no feature scores above 0 for {concept}")
             save_scores(directory / "scores.json", scores, selected)
-            return {"ranked": ranked}
+            return {"ranked": ranked, "tokens": store.tokens_stored * len(sums)}  # a pass per kind
 
         return self._stage("select", key, body)["ranked"]
 
@@ -543,23 +610,35 @@ class Run:
             rows, bs = self.eval_rows, r.eval.batch_size
             model = self.lm.model
             reloaded = load_model(exported["path"], where="export", **self.placement.load_options())
+            self.count_tokens(reloaded.model)
             variants = [
                 Variant("original", model),
                 Variant("hooked", model, lambda: edit.apply(model)),
                 Variant("folded", model, lambda: patch.apply(model)),
                 Variant("exported", reloaded.model),
             ]
+
+            def score() -> dict[str, dict[str, bool]]:  # under torchrun: this rank's share of the rows
+                correctness = {}
+                for v in variants:
+                    with v.context():
+                        correctness[v.name] = row_correctness(
+                            LoadedModel(v.model, self.lm.tokenizer, self.lm.processor, self.lm.path),
+                            distributed.part(rows),
+                            bs,
+                            f"eval {v.name}",
+                            self.progress,
+                        )
+                return correctness
+
+            shares = distributed.gather(distributed.together(score))
+            correctness = {v.name: {k: ok for s in shares for k, ok in s[v.name].items()} for v in variants}
+            return distributed.on_main(lambda: measure(variants, correctness))
+
+        def measure(variants: list[Variant], correctness: dict[str, dict[str, bool]]) -> dict[str, Any]:
+            """Rank 0: the metrics from every row's correctness, and fidelity to the hooked edit."""
+            rows, bs = self.eval_rows, r.eval.batch_size
             reference = next(v for v in variants if v.name == REFERENCE[r.edit.method])
-            correctness = {}
-            for v in variants:
-                with v.context():
-                    correctness[v.name] = row_correctness(
-                        LoadedModel(v.model, self.lm.tokenizer, self.lm.processor, self.lm.path),
-                        rows,
-                        bs,
-                        f"eval {v.name}",
-                        self.progress,
-                    )
             concepts = []
             for concept in self.concepts:
                 selection = metric_rows(
@@ -594,7 +673,7 @@ class Run:
                 )
             return {"concepts": concepts}
 
-        return self._stage("verify", key, body)
+        return self._stage("verify", key, body, every_rank=True)
 
 
 REFERENCE = {"clamp": "hooked", "subspace": "folded"}
@@ -651,6 +730,9 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     run = Run(recipe, out, progress)
     calibration = run.calibrate()
     result = run.verify()
+    distributed.close()  # what follows (reading finished stages, the report) is rank 0's alone
+    if not distributed.is_main():
+        return {}
     exported = run.export()
     checks = gate_checks(result["concepts"], recipe.verify, "exported", REFERENCE[recipe.edit.method])
     report = {
@@ -667,6 +749,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "metrics_reported": list(METRICS),
         "calibration": calibration,
         "machine": machine(),
+        "cost": run.cost(),
     }
     write_report(report, Path(out))
     from sauce_export.card import write_card

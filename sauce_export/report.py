@@ -176,6 +176,15 @@ def latents_section(report: dict[str, Any]) -> list[str]:
     return ["## Latents of the subspace patch\n\n" + latents_markdown(report["fold"])]
 
 
+def cost_table(report: dict[str, Any]) -> str:
+    """Seconds and throughput per stage: tokens through the model (collect, calibrate, fold, verify)
+    or activations read (train-sae: every step's batch; select: a pass per concept kind)."""
+    lines = ["| stage | seconds | tokens | tokens/s |", "|---|---|---|---|"]
+    for name, c in report.get("cost", {}).items():
+        lines.append(f"| {name} | {c['seconds']} | {c['tokens'] or '-'} | {c['tokens_per_s'] or '-'} |")
+    return "\n".join(lines)
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Both files are written to temp names and renamed, so a reader never sees half a report."""
     sae, pad = report["sae"], report["padding"]
@@ -199,6 +208,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 *latents_section(report),
                 f"## Gates: {'PASSED' if report['gates']['passed'] else 'FAILED'}",
                 gates_table(report),
+                "## Cost (this machine; a stage skipped on rerun keeps its first time)",
+                cost_table(report),
             ]
         )
         + "\n"

@@ -49,9 +49,11 @@ def test_training_record_is_shipped() -> None:
     assert (MODELS / "world-llava" / "model.safetensors").stat().st_size < 20 * 2**20
 
 
-def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path, dtype: str) -> None:
     """The whole pipeline on the real model: selection + edit must actually remove the concept, and
-    the exported checkpoint (reloaded from disk) must do what the hooked edit does."""
+    the exported checkpoint (reloaded from disk) must do what the hooked edit does - in the
+    checkpoint's float32 and in bfloat16 (runtime.dtype; the export keeps the source's float32)."""
     import yaml
 
     from sauce_export.pipeline import run_all
@@ -64,10 +66,15 @@ def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path) -> 
         model=str(MODELS / "world-llava"),
         concepts=[{"kind": "colour", "name": "red"}],
         data={"train": str(world / "train.jsonl"), "eval": str(world / "eval.jsonl")},
+        runtime={"dtype": dtype},
     )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     report = run_all(load_recipe(path), tmp_path / "run", progress=False)
+    assert (
+        json.loads((tmp_path / "run" / "collect" / "acts" / "manifest.json").read_text())["config"]["dtype"]
+        == dtype
+    )
     (concept,) = report["concepts"]
     original, hooked = concept["metrics"]["original"], concept["metrics"]["hooked"]
     assert original["forget_acc"] >= 0.95

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from sauce_export import distributed
 from sauce_export.errors import InputError
 from sauce_export.progress import bar
 from sauce_export.sae.model import SAE, SaeConfig, SaeKind
@@ -100,6 +103,12 @@ class TrainConfig:
     def num_latents(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
 
+    def total_steps(self, tokens: int) -> int:
+        """Optimiser steps for ``tokens`` training tokens (``steps``, else ``epochs`` passes)."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, round(self.epochs * math.ceil(tokens / self.batch_size)))
+
     def learning_rate(self, d_in: int) -> float:
         return self.lr if self.lr is not None else 5e-3 * math.sqrt(128 / d_in)
 
@@ -127,15 +136,17 @@ def _shards(data: Data, d_in: int | None = None) -> Iterator[torch.Tensor]:
 
 def _moments(data: Data, d_in: int) -> tuple[int, torch.Tensor, float]:
     """Token count, mean and mean squared distance to the mean (float64, one pass)."""
-    n, s1, s2 = 0, torch.zeros(d_in, dtype=torch.float64), 0.0
+    sums = torch.zeros(d_in + 2, dtype=torch.float64)  # s1 | s2 | n, summed over the ranks
     for shard in _shards(data, d_in):
         x = shard.to(torch.float64)
-        n += x.shape[0]
-        s1 += x.sum(0)
-        s2 += float(x.pow(2).sum())
+        sums[:d_in] += x.sum(0)
+        sums[d_in] += x.pow(2).sum()
+        sums[d_in + 1] += x.shape[0]
+    distributed.all_sum(sums)
+    n, s2 = int(sums[d_in + 1]), float(sums[d_in])
     if n == 0:
         raise InputError("activations", "data", "no activations to train on")
-    mean = s1 / n
+    mean = sums[:d_in] / n
     return n, mean, max(s2 / n - float(mean @ mean), 0.0)
 
 
@@ -182,17 +193,46 @@ class _JumpStep(torch.autograd.Function):
 _BANDWIDTH = 1e-3
 
 
-def _forward(sae: SAE, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents, pre-activations (for AuxK) and the sparsity penalty of this kind (0 for topk)."""
+def _forward(
+    sae: SAE, x: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reconstruction, pre-activations (for AuxK), each token's active latents (a bool ``[n, d_sae]``)
+    and the sparsity penalty of this kind (0 for topk)."""
     pre = sae.pre_acts(x)
+    if cfg.kind == "topk":
+        # Decoding the k winners with embedding_bag skips the dense [n, d_sae] @ W_dec (and its
+        # backward), which is most of a step's work when k << d_sae.
+        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        vals = vals.relu()
+        x_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+        active = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, vals > 0)
+        return x_hat, pre, active, pre.new_zeros(())
     if cfg.kind == "jumprelu":
         gate = _JumpStep.apply(pre, sae.threshold, _BANDWIDTH)
-        f = pre.relu() * gate
-        return f, pre, cfg.l0_coeff * gate.sum(-1).mean()
-    f = sae.activate(pre)
-    if cfg.kind == "relu":
-        return f, pre, cfg.l1_coeff * f.sum(-1).mean()
-    return f, pre, pre.new_zeros(())
+        f, penalty = pre.relu() * gate, cfg.l0_coeff * gate.sum(-1).mean()
+    else:
+        f = sae.activate(pre)
+        penalty = cfg.l1_coeff * f.sum(-1).mean()
+    return sae.decode(f), pre, f > 0, penalty
+
+
+class _Objective(nn.Module):
+    """One step's loss as a module, so DistributedDataParallel can wrap it (its gradient all-reduce
+    hooks on the SAE's parameters fire in the backward of this forward)."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.sae, self.cfg = sae, cfg
+
+    def forward(self, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, FVU of the batch, active latents per token)."""
+        x_hat, pre, active, penalty = _forward(self.sae, x, self.cfg)
+        err = x - x_hat
+        fvu = err.pow(2).sum(-1).mean()  # the standardised data has unit mean squared norm
+        loss = fvu + penalty
+        if self.cfg.auxk_alpha > 0:
+            loss = loss + self.cfg.auxk_alpha * _auxk_loss(self.sae, pre, err, dead)
+        return loss, fvu, active
 
 
 def _auxk_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -241,34 +281,34 @@ def train_sae(
         or (cfg.steps is not None and cfg.steps < 1)
     ):
         raise InputError("train", "batch_size/epochs/steps", "must be positive")
-    n, mean, var = _moments(data, d_in)
+    n, mean, var = _moments(data, d_in)  # over every rank's shards under torchrun
     scale = math.sqrt(var) or 1.0
     sae = SAE(SaeConfig(d_in=d_in, d_sae=cfg.num_latents(d_in), kind=cfg.kind, k=cfg.k))
     sae.reset_parameters(seed=cfg.seed)  # b_dec = 0 here is the data mean once folded back
     if cfg.kind == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(_BANDWIDTH)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    # Under torchrun each rank reads its own shards in its own order, batch_size / world tokens a
+    # step, so a step sees batch_size tokens in all; DDP averages the gradients.
+    gen = torch.Generator().manual_seed(cfg.seed + distributed.rank())
+    batch_size = max(1, cfg.batch_size // distributed.world())
+    total = cfg.total_steps(n)
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.learning_rate(d_in))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total, cfg.warmup_frac, cfg.decay_frac)
     )
+    objective: nn.Module = _Objective(sae, cfg)
+    if distributed.active():
+        objective = DistributedDataParallel(objective)
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     mean32 = mean.float()
     counter = bar(total, f"train {cfg.kind} SAE {d_in}x{sae.cfg.d_sae}", progress)
     step = 0
     while step < total:
-        for batch in _batches(data, cfg.batch_size, gen):
+        for batch in _batches(data, batch_size, gen):
             x = (batch - mean32) / scale
-            f, pre, penalty = _forward(sae, x, cfg)
-            err = x - sae.decode(f)
-            fvu = err.pow(2).sum(-1).mean()  # the standardised data has unit mean squared norm
             dead = since_fired >= cfg.dead_after
-            loss = fvu + penalty
-            if cfg.auxk_alpha > 0:
-                loss = loss + cfg.auxk_alpha * _auxk_loss(sae, pre, err, dead)
+            loss, fvu, active = objective(x, dead)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _remove_parallel_grad(sae)
@@ -278,15 +318,15 @@ def train_sae(
                 sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
                 if cfg.kind == "jumprelu":
                     sae.threshold.clamp_(min=0.0)
-                fired = (f > 0).any(0)
-                since_fired += x.shape[0]
+                fired = distributed.all_sum(active.any(0).int()) > 0
+                since_fired += x.shape[0] * distributed.world()
                 since_fired[fired] = 0
             step += 1
             counter.update()
             if step % 10 == 0 or step == total:
                 counter.set_postfix(
                     fvu=f"{fvu.item():.3f}",
-                    l0=f"{(f > 0).sum(-1).float().mean().item():.1f}",
+                    l0=f"{active.sum(-1).float().mean().item():.1f}",
                     dead=f"{float(dead.float().mean()):.3f}",
                 )
             if step >= total:
@@ -306,26 +346,29 @@ def _remove_parallel_grad(sae: SAE) -> None:
 
 @torch.no_grad()
 def sae_stats(sae: SAE, data: Data, chunk: int = 8192) -> SaeStats:
-    """FVU, mean L0 and never-firing fraction of ``sae`` on ``data`` (one pass, float64 sums)."""
+    """FVU, mean L0 and never-firing fraction of ``sae`` on ``data`` (one pass, float64 sums; under
+    torchrun on every rank's ``data`` together)."""
     d_in = sae.cfg.d_in
-    n, sse, l0 = 0, 0.0, 0.0
-    s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    sums = torch.zeros(d_in + 4, dtype=torch.float64)  # s1 | s2 | sse | l0 | n
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int32)
     for shard in _shards(data, d_in):
         for start in range(0, shard.shape[0], chunk):
             x = shard[start : start + chunk].to(sae.W_enc.dtype)
             f = sae.encode(x)
             active = f != 0
-            sse += float((x - sae.decode(f)).double().pow(2).sum())
-            l0 += float(active.sum())
-            fired |= active.any(0)
             xd = x.double()
-            s1 += xd.sum(0)
-            s2 += float(xd.pow(2).sum())
-            n += x.shape[0]
+            sums[:d_in] += xd.sum(0)
+            sums[d_in] += xd.pow(2).sum()
+            sums[d_in + 1] += (x - sae.decode(f)).double().pow(2).sum()
+            sums[d_in + 2] += active.sum()
+            sums[d_in + 3] += x.shape[0]
+            fired |= active.any(0).int()
+    distributed.all_sum(sums)
+    distributed.all_sum(fired)
+    s2, sse, l0, n = (float(v) for v in sums[d_in:])
     if n == 0:
         raise InputError("activations", "data", "no activations to measure")
-    mean = s1 / n
+    mean = sums[:d_in] / n
     total_var = s2 - n * float(mean @ mean)
     fvu = sse / total_var if total_var > 0 else (0.0 if sse == 0 else math.inf)
-    return SaeStats(fvu=fvu, l0=l0 / n, dead_frac=float((~fired).float().mean()))
+    return SaeStats(fvu=fvu, l0=l0 / n, dead_frac=float((fired == 0).float().mean()))
