@@ -173,7 +173,11 @@ def _add_compare(sub: Any) -> None:
     cmp.add_argument("--out", type=Path, required=True, help="output directory")
     cmp.add_argument("--run", type=Path, required=True, help="finished run directory to reuse (runs/demo)")
     cmp.add_argument("--settings", default="single,multi,both", help="comma list of single, multi, both")
-    cmp.add_argument("--methods", default="GA,GD,KL,PO,NPO", help="comma list of baselines")
+    cmp.add_argument(
+        "--methods",
+        default="GA,GD,KL,PO,NPO,subspace",
+        help="comma list of baselines, and subspace for the subspace patch on the same budget",
+    )
     cmp.add_argument(
         "--steps",
         default="20,40,60",
@@ -294,10 +298,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     only = [s for s in args.settings.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    subspace = "subspace" in methods
+    methods = [m for m in methods if m != "subspace"]
     if not only or set(only) - {"single", "multi", "both"}:
         raise InputError("compare", "--settings", f"{args.settings!r}: use single, multi and/or both")
-    if not methods or set(methods) - set(METHODS):
-        raise InputError("compare", "--methods", f"{args.methods!r}: use {', '.join(METHODS)}")
+    if not (methods or subspace) or set(methods) - set(METHODS):
+        raise InputError("compare", "--methods", f"{args.methods!r}: use {', '.join(METHODS)}, subspace")
     steps = _numbers(args.steps, "--steps", int, "compare")
     if args.batch_size < 1 or args.beta <= 0:
         raise InputError("compare", "--batch-size/--beta", "must be positive")
@@ -335,6 +341,7 @@ def _compare(args: argparse.Namespace) -> int:
         lrs_lora=lrs[1],
         utility=args.utility,
         attacks=attacks,
+        subspace=subspace,
         log=log,
     )
     print(args.out / "compare.md")

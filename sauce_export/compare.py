@@ -50,7 +50,9 @@ from sauce_export.evaluate.metrics import (
     summary_score,
 )
 from sauce_export.lm import Batch, LoadedModel, batches, load_model
+from sauce_export.patch import Patch
 from sauce_export.recipe import Recipe
+from sauce_export.subspace import SubspaceFit, fit_for_run
 from sauce_export.verify import with_context
 
 T = TypeVar("T")
@@ -293,6 +295,51 @@ def sauce_checkpoint(recipe: Recipe, concepts: Sequence[Concept], run_dir: Path,
     return {"path": exported["path"], "seconds": seconds(target), "peak_mb": peak, "reused": False}
 
 
+def subspace_entry(
+    recipe: Recipe,
+    lm: LoadedModel,
+    run_dir: Path,
+    concepts: Sequence[Concept],
+    train_rows: Sequence[Row],
+    steps: Sequence[int],
+    batch_size: int,
+    seed: int,
+    validation: EvalSet,
+    reference: dict[str, dict[str, Any]],
+    scorer: Scorer,
+) -> dict[str, Any]:
+    """The "SAUCE subspace" row: the patch on the run's SAE and latents (at the run's validation
+    choice of latents and lr), fitted on the baselines' train rows and batch for max(steps) steps,
+    its steps chosen on validation rows like a baseline's; scored in memory (its export is exact)."""
+    cfg = dataclasses.replace(recipe.subspace, steps=max(steps), batch_size=batch_size, seed=seed)
+    sweep: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": -1.0}
+
+    def checkpoint(done: int, fit: SubspaceFit) -> bool:
+        score = validation.score(fit.model, reference)["score"]
+        sweep.append({"hparams": {"steps": done}, "validation_score": score})
+        if score > best["score"]:
+            best.update(score=score, steps=done, A=fit.a.detach().cpu().clone())
+        return False
+
+    patch, secs, peak = measured(
+        lambda: fit_for_run(
+            lm, run_dir, recipe.site, concepts, train_rows, cfg, recipe.select.method, steps, checkpoint
+        )
+    )
+    chosen = Patch((dataclasses.replace(patch.deltas[0], A=best["A"]),), patch.description)
+    desc = patch.description
+    hp = {
+        "latents": max(len(f) for f in desc["latents"].values()),
+        "lr": desc["lr"],
+        "steps": best["steps"],
+        "batch_size": batch_size,
+    }
+    point = {"hparams": hp, "validation_score": best["score"], "seconds": secs, "peak_mb": peak}
+    with chosen.apply(lm.model):
+        return scorer.score("SAUCE subspace", lm.model, point, sweep)
+
+
 # ---------------------------------------------------------------------------- the comparison
 def train_validation(recipe: Recipe) -> tuple[list[Row], list[Row], str]:
     """(train rows, validation rows, where validation comes from): ``data.validation`` when given,
@@ -412,12 +459,14 @@ def compare(
     lrs_lora: Sequence[float] = LRS_LORA,
     utility: Path | None = None,
     attacks: AttackConfig | None = None,
+    subspace: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score SAUCE's checkpoint and every baseline on each setting; writes OUT/compare.{json,md,png}.
     Each baseline's learning rate x steps is chosen on validation rows; the evaluation rows are
     scored once, on the chosen model. ``utility``: a JSONL file of general questions for the utility
-    column (default: see utility_rows). ``attacks``: also attack every method's model (docs/attack.md)."""
+    column (default: see utility_rows). ``attacks``: also attack every method's model (docs/attack.md).
+    ``subspace``: also the subspace patch (docs/subspace.md) on the baselines' steps and batch."""
     if not (run_dir / "report.json").is_file():
         raise InputError(str(run_dir), "--run", "no report.json here: run `sauce-export run` first")
     train_rows, validation, validation_note = train_validation(recipe)
@@ -475,6 +524,10 @@ def compare(
             "SAUCE (exported)", model, {**sauce, "hparams": {}}, []
         )
         write_outputs(result, out)
+        if subspace:
+            fit = (lm, run_dir, chosen, train_rows, steps, batch_size, seed)
+            entry["methods"]["SAUCE subspace"] = subspace_entry(recipe, *fit, valid, reference, scorer)
+            write_outputs(result, out)
         for method in methods:
             for lora, lrs in ((False, lrs_full), (True, lrs_lora)):
                 tuned = tune(lm, data, method, lora, lrs, steps, valid, reference, budget)
@@ -567,12 +620,19 @@ README_END = "<!-- compare:end -->"
 
 def summary_markdown(result: dict[str, Any]) -> str:
     """One row per setting: SAUCE's score, the best baseline, and every baseline's full / LoRA best."""
-    methods = sorted(
-        {m.rsplit(" (", 1)[0] for e in result["settings"].values() for m in e["methods"]} - {"SAUCE"}
-    )
+    names = {m for e in result["settings"].values() for m in e["methods"]}
+    methods = sorted({m.rsplit(" (", 1)[0] for m in names if not m.startswith("SAUCE")})
+    sub = ["SAUCE subspace"] if "SAUCE subspace" in names else []
     robust = any("attacks" in v for e in result["settings"].values() for v in e["methods"].values())
     extra = ["SAUCE robust", "best baseline robust"] if robust else []
-    head = ["setting", "SAUCE (exported)", "best baseline", *extra, *(f"{m} full / LoRA" for m in methods)]
+    head = [
+        "setting",
+        "SAUCE (exported)",
+        *sub,
+        "best baseline",
+        *extra,
+        *(f"{m} full / LoRA" for m in methods),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in result["settings"].items():
         best = {m: v["best"] for m, v in entry["methods"].items()}
@@ -586,6 +646,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         cells = [
             name if name.startswith("single ") else f"{name}: {', '.join(entry['concepts'])}",
             _fmt(best["SAUCE (exported)"]["score"]),
+            *(_fmt(best[m]["score"]) if m in best else "-" for m in sub),
             f"{_fmt(top['score'])} ({', '.join(winners)})" if top else "-",
             *(_robust(entry["methods"]) if robust else []),
             *(

@@ -18,11 +18,13 @@ train row). The result is an ordinary ``Patch``: stored, exported, reloaded and 
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,6 +48,7 @@ from sauce_export.evaluate.metrics import concept_metrics, correctness, summary_
 from sauce_export.lm import Batch, LoadedModel, encode_batch
 from sauce_export.patch import Patch, WeightDelta
 from sauce_export.progress import track
+from sauce_export.sae.formats import load_sae
 from sauce_export.sae.model import SAE
 from sauce_export.select import union_features
 from sauce_export.sites import parse_site
@@ -491,3 +494,31 @@ def latents_markdown(fold: Mapping[str, Any]) -> str:
         top = ", ".join(f"`{t['token']}` ({t['act']:.2f})" for t in tokens.get(latent, [])) or "-"
         lines.append(f"| {latent} | {owner.get(latent, '-')} | {norm:.3f} | {top} |")
     return "\n".join(lines)
+
+
+def fit_for_run(
+    lm: LoadedModel,
+    run_dir: Path,
+    site: str,
+    concepts: Sequence[Concept],
+    rows: Sequence[Row],
+    cfg: SubspaceConfig,
+    method: str,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Any = None,
+) -> Patch:
+    """The subspace patch for ``concepts`` from a finished run's SAE and latent ranking (``method``'s
+    score, else the first the run ranked), at the latents and lr the run's calibration chose on
+    validation rows (else ``cfg``'s), for ``cfg.steps`` steps: what ``compare`` trains on a budget
+    (``checkpoints`` / ``on_checkpoint`` as in ``fit_subspace``)."""
+    sae = load_sae(run_dir / "train-sae" / "sae").to(lm.device)
+    ranked = json.loads((run_dir / "select" / "stage.json").read_text())["result"]["ranked"]
+    report = json.loads((run_dir / "report.json").read_text())
+    chosen = (report.get("calibration") or {}).get("subspace") or {}
+    n, lr = chosen.get("latents", cfg.latents), chosen.get("lr", cfg.lr)
+    selected = {}
+    for c in concepts:
+        lists = ranked[str(c)]
+        selected[str(c)] = list(lists.get(method) or next(iter(lists.values())))[:n]
+    run_cfg = replace(cfg, lr=lr)
+    return fit_subspace(lm, sae, site, selected, rows, concepts, run_cfg, False, checkpoints, on_checkpoint)

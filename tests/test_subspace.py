@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from sauce_export.cli import main
+from sauce_export.compare import README_BEGIN, README_END
 from sauce_export.data import read_rows
+from sauce_export.evaluate.metrics import summary_score
 from sauce_export.patch import Patch
 from sauce_export.sae.formats import load_sae
 from sauce_export.subspace import outside_span, suppress_loss
@@ -133,3 +135,31 @@ def test_a_bad_subspace_key_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert main(["--quiet", "run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(recipe) in err and "subspace.objective" in err
+
+
+def test_compare_has_a_subspace_row_on_the_baselines_budget(
+    subspace_run: tuple[Path, dict, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`compare` fits the subspace patch with the baselines' steps and batch, at the latents and lr the
+    run chose on validation rows, and scores it like every method; compare-readme shows its column."""
+    run, report, persons = subspace_run
+    recipe, out = run.parent / "recipe.yaml", tmp_path / "cmp"
+    argv = ["--quiet", "compare", str(recipe), "--run", str(run), "--out", str(out), "--settings", "single"]
+    argv += ["--methods", "PO,subspace", "--steps", "30", "--lrs-full", "1e-3", "--lrs-lora", "3e-3"]
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    (entry,) = result["settings"].values()
+    assert set(entry["methods"]) == {"SAUCE (exported)", "SAUCE subspace", "PO (full)", "PO (LoRA)"}
+    best = entry["methods"]["SAUCE subspace"]["best"]
+    cal = report["calibration"]["subspace"]
+    assert best["hparams"] == {"latents": cal["latents"], "lr": cal["lr"], "steps": 30, "batch_size": 16}
+    name = f"person:{persons[0]}"
+    metrics, original = best["concepts"][name], entry["original"]["concepts"][name]
+    assert best["score"] == pytest.approx(summary_score(metrics, original))
+    assert original["forget_acc"] == 1.0 and metrics["forget_acc"] <= 0.5 and best["score"] >= 0.5
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    assert main(["compare-readme", str(out / "compare.json"), "--readme", str(readme)]) == 0
+    head, _, row = readme.read_text().splitlines()[1:4]
+    assert head.split(" | ")[2] == "SAUCE subspace" and row.split(" | ")[2] == f"{best['score']:.3f}"
+    capsys.readouterr()
