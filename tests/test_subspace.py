@@ -163,3 +163,26 @@ def test_compare_has_a_subspace_row_on_the_baselines_budget(
     head, _, row = readme.read_text().splitlines()[1:4]
     assert head.split(" | ")[2] == "SAUCE subspace" and row.split(" | ")[2] == f"{best['score']:.3f}"
     capsys.readouterr()
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")  # PEFT asks transformers 5
+def test_peft_adapter_of_the_patch_matches_the_patched_model(
+    subspace_run: tuple[Path, dict, list[str]], tmp_path: Path
+) -> None:
+    """`export --format peft` of the subspace patch: stock PEFT on the source model gives the patched
+    model's logits (lora_B = the orthonormal basis, lora_A = the fitted A)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _, _ = subspace_run
+    patch_file, out = run / "fold" / "patch.safetensors", tmp_path / "adapter"
+    argv = ["--quiet", "export", "--patch", str(patch_file), "--model", str(WORLD_LLAMA), "--out", str(out)]
+    assert main([*argv, "--format", "peft"]) == 0
+    inputs = AutoTokenizer.from_pretrained(WORLD_LLAMA)(["What is the hobby of Lumrax?"], return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(WORLD_LLAMA)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with Patch.load(patch_file).apply(model):
+            want = model(**inputs).logits
+        got = PeftModel.from_pretrained(model, out)(**inputs).logits
+    assert (got - want).abs().max() <= 1e-4 < (before - want).abs().max()
