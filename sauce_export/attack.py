@@ -40,9 +40,9 @@ def attack(
     facts, utility_note = utility_rows(recipe, utility)
     original = load_model(recipe.model, where=recipe.path)
     evals = eval_set(original, rows, facts, recipe.eval.batch_size)
-    suite = attack_suite(original, rows, evals, validation, eval_rows, cfg, recipe.eval.batch_size)
-    before = evals.score(model, suite.original["concepts"])
-    log(f"before: score {before['score']:.3f}")
+    before = evals.score(model, evals.score(original.model, None)["concepts"])
+    log(f"before (every evaluation row): score {before['score']:.3f}")
+    suite = attack_suite(original, rows, validation, eval_rows, cfg, recipe.eval.batch_size)
     result = {
         "recipe": recipe.path,
         "model": model_path,
@@ -53,7 +53,7 @@ def attack(
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "original": {"plain": suite.original, "context": suite.context_original},
         "before": before,
-        **suite.run(model, before, log),
+        **suite.run(model, log),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=1))
@@ -78,7 +78,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Attacks on `{result['model']}`",
         "",
         f"Original `{result['original_model']}`, concepts {', '.join(result['concepts'])}; probes fitted on "
-        f"validation rows ({result['validation']}). Robust score (after the worst attack, "
+        f"validation rows ({result['validation']}). Score on every evaluation row {result['before']['score']:.3f}; "
+        f"the attacks score all forget and generality rows and at most {result['config']['eval_rows']} retain and "
+        f"interference rows per concept. Robust score (after the worst attack, "
         f"{result['worst_attack']}): **{result['robust_score']:.3f}**. Relearning rows show the learning rate that "
         "brought most back and the seconds of their whole sweep; the other half is the removed concepts' train "
         "questions that relearning did not see.",
@@ -88,7 +90,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     rows: list[tuple[str, dict[str, Any]]] = [
         ("original", result["original"]["plain"]),
-        ("none", result["before"]),
+        ("none", result["plain"]),
     ]
     rows += list(result["attacks"].items())
     for name, p in rows:

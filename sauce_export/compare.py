@@ -62,7 +62,7 @@ LRS_FULL = (1e-4, 3e-4, 1e-3)
 LRS_LORA = (3e-4, 1e-3, 3e-3)
 STEPS = (20, 40, 60)
 """The steps at which each baseline run is scored on validation rows (it trains for the last)."""
-VALIDATION_ROWS = 256
+VALIDATION_ROWS = 128
 """Retain and interference rows per concept scored on validation at most (a seeded sample)."""
 MEMORY_NOTE = (
     "peak resident set size (RSS, sampled every 5 ms from /proc/self/statm) minus RSS at start, "
@@ -217,14 +217,11 @@ class AttackSuite:
     original: dict[str, Any]
     context_original: dict[str, Any]
 
-    def run(
-        self, model: torch.nn.Module, before: dict[str, Any], log: Callable[[str], None]
-    ) -> dict[str, Any]:
+    def run(self, model: torch.nn.Module, log: Callable[[str], None]) -> dict[str, Any]:
         return attack_model(
             model,
             self.data,
             self.cfg,
-            before=before,
             original=self.original["concepts"],
             score=lambda m: self.evals.score(m, self.original["concepts"]),
             score_context=lambda m: self.context.score(m, self.context_original["concepts"]),
@@ -235,24 +232,32 @@ class AttackSuite:
 def attack_suite(
     lm: LoadedModel,
     rows: SettingRows,
-    evals: EvalSet,
     validation: Sequence[Row],
     eval_rows: Sequence[Row],
     cfg: AttackConfig,
     batch_size: int,
 ) -> AttackSuite:
-    """Everything the attacks on one setting share, built once for every method's model. The context
-    attack puts an unrelated evaluation question and its answer (nothing removed) before each row."""
+    """Everything the attacks on one setting share, built once for every method's model: the
+    evaluation rows with retain and interference sampled to ``cfg.eval_rows`` per concept, the same
+    rows behind unrelated context (an evaluation question and its answer about nothing removed)."""
+    rng = random.Random(cfg.seed)
+    sampled = {
+        c: {
+            m: v if m in ("forget_acc", "generality_acc") else rng.sample(v, min(cfg.eval_rows, len(v)))
+            for m, v in sel.items()
+        }
+        for c, sel in rows.selections.items()
+    }
     pool = [r for r in eval_rows if not any(c.matches(r) for c in rows.concepts)]
     prefixed = {
         c: {m: with_context(chosen, pool, cfg.seed) for m, chosen in sel.items()}
-        for c, sel in rows.selections.items()
+        for c, sel in sampled.items()
     }
+    evals = eval_set(lm, dataclasses.replace(rows, selections=sampled), [], batch_size)
     context = eval_set(lm, dataclasses.replace(rows, selections=prefixed), [], batch_size)
     forget = {c: rows.selections[str(c)]["forget_acc"] for c in rows.concepts}
     data = attack_data(lm, rows.forget, rows.retain, validation, forget, cfg, batch_size)
-    original = evals.score(lm.model, None)
-    return AttackSuite(cfg, data, evals, context, original, context.score(lm.model, None))
+    return AttackSuite(cfg, data, evals, context, evals.score(lm.model, None), context.score(lm.model, None))
 
 
 # ---------------------------------------------------------------------------- SAUCE
@@ -438,9 +443,7 @@ class Scorer:
         self.log(f"[{self.setting}] {method}: score {best['score']:.3f}")
         scored: dict[str, Any] = {"best": best, "sweep": sweep}
         if self.suite is not None:
-            scored["attacks"] = self.suite.run(
-                model, best, lambda m: self.log(f"[{self.setting}] {method} {m}")
-            )
+            scored["attacks"] = self.suite.run(model, lambda m: self.log(f"[{self.setting}] {method} {m}"))
         return scored
 
 
@@ -514,7 +517,7 @@ def compare(
         data = encode_train_data(lm, rows.forget, rows.retain, max(steps), batch_size, seed)
         suite = None
         if attacks is not None:
-            suite = attack_suite(lm, rows, evals, validation, eval_rows, attacks, recipe.eval.batch_size)
+            suite = attack_suite(lm, rows, validation, eval_rows, attacks, recipe.eval.batch_size)
         entry: dict[str, Any] = {"concepts": [str(c) for c in chosen], "original": original, "methods": {}}
         result["settings"][name] = entry
         scorer = Scorer(name, evals, original["concepts"], suite, log)

@@ -13,17 +13,21 @@ def mean_forget(scored: dict[str, Any]) -> float:
 
 
 def attack_table(methods: dict[str, dict[str, Any]]) -> list[str]:
-    """One row per attacked method: the score before, after every attack (forget in brackets), the
-    robust score and the worst attack; ``methods`` maps a method to {"best": ..., "attacks": ...}."""
+    """One row per attacked method: the score without and after every attack on the attacks' rows
+    (forget in brackets), the robust score and the worst attack; ``methods`` maps a method to
+    {"best": ..., "attacks": attack_model's result}."""
     attacked = {m: v for m, v in methods.items() if "attacks" in v}
     if not attacked:
         return []
     names = list(next(iter(attacked.values()))["attacks"]["attacks"])
-    head = ["method", "before", *names, "robust", "worst attack"]
+    head = ["method", "no attack", *names, "robust", "worst attack"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, v in attacked.items():
         found = v["attacks"]["attacks"]
-        cells = [f"{p['score']:.3f} ({mean_forget(p):.2f})" for p in (v["best"], *(found[n] for n in names))]
+        cells = [
+            f"{p['score']:.3f} ({mean_forget(p):.2f})"
+            for p in (v["attacks"]["plain"], *(found[n] for n in names))
+        ]
         lines.append(
             "| "
             + " | ".join(
@@ -36,14 +40,14 @@ def attack_table(methods: dict[str, dict[str, Any]]) -> list[str]:
 
 def relearn_curves(attacked: dict[str, Any], data: str, mode: str) -> tuple[list[int], list[float]]:
     """(steps, mean forget) of one method's relearning on ``data`` (concept / unrelated) in ``mode``
-    (full / LoRA), starting from its score before the attack at step 0."""
+    (full / LoRA), starting from its score without an attack at step 0."""
     prefix = f"relearn {data} {mode} "
     points = sorted(
         (int(n[len(prefix) :]), mean_forget(p))
         for n, p in attacked["attacks"]["attacks"].items()
         if n.startswith(prefix)
     )
-    return [0, *(s for s, _ in points)], [mean_forget(attacked["best"]), *(f for _, f in points)]
+    return [0, *(s for s, _ in points)], [mean_forget(attacked["attacks"]["plain"]), *(f for _, f in points)]
 
 
 def relearn_plot(settings: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:

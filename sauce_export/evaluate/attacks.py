@@ -59,6 +59,9 @@ class AttackConfig:
     """Size of the pool of unrelated train rows the unrelated relearning draws its batches from."""
     quant: tuple[str, ...] = ("int8", "int4")
     seed: int = 0
+    eval_rows: int = 128
+    """Retain and interference rows per concept the attacks score at most (a seeded sample; every
+    forget and generality row is kept): each relearning run is scored several times."""
 
 
 # ---------------------------------------------------------------------------- relearning data
@@ -266,9 +269,9 @@ def attack_data(
     )
 
 
-def paraphrased(before: dict[str, Any], original: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def paraphrased(plain: dict[str, Any], original: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The held-out paraphrases as the forget questions: the score with generality in forget's place."""
-    swap = {c: {**m, "forget_acc": m["generality_acc"]} for c, m in before["concepts"].items()}
+    swap = {c: {**m, "forget_acc": m["generality_acc"]} for c, m in plain["concepts"].items()}
     ref = {c: {**m, "forget_acc": m["generality_acc"]} for c, m in original.items()}
     scores = [summary_score(swap[c], ref[c]) for c in swap]
     return {"concepts": swap, "score": sum(scores) / len(scores)}
@@ -279,14 +282,13 @@ def attack_model(
     data: AttackData,
     cfg: AttackConfig,
     *,
-    before: dict[str, Any],
     original: dict[str, dict[str, Any]],
     score: Score,
     score_context: Score,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every attack on ``model``; ``before`` is its plain score, ``original`` the original model's
-    per-concept metrics. Relearning keeps, per (data, full/LoRA, steps), the learning rate that
+    """Every attack on ``model`` (``plain``: its score without one); ``original``: the original model's
+    per-concept metrics on the rows ``score`` reads. Relearning keeps, per (data, full/LoRA, steps), the learning rate that
     brought most back (lowest score)."""
     attacks: dict[str, dict[str, Any]] = {}
 
@@ -296,7 +298,8 @@ def attack_model(
         log(f"{name}: score {attacks[name]['score']:.3f}")
 
     timed("context", lambda: score_context(model))
-    attacks["paraphrase"] = paraphrased(before, original)
+    plain = score(model)
+    attacks["paraphrase"] = paraphrased(plain, original)
     for name in cfg.quant:
         timed(name, lambda name=name: score(quantized(model, name)))
     for data_name, train, held in (
@@ -335,6 +338,7 @@ def attack_model(
             "validation_acc": probe.validation_acc,
         }
     return {
+        "plain": plain,
         "attacks": attacks,
         "robust_score": attacks[worst_name]["score"],
         "worst_attack": worst_name,
