@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[dev,formats]"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[dev,formats,diffusion]"
 	touch $(STAMP)
 
 data/world/train.jsonl: | $(STAMP)

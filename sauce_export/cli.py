@@ -60,6 +60,7 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sauce_export.diffusion.model import DiffusionTrainConfig
     from sauce_export.world.generate import WorldConfig
     from sauce_export.world.train import WorldTrainConfig
 
@@ -79,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--kind",
-        choices=("vlm", "text"),
+        choices=("vlm", "text", "diffusion"),
         default="vlm",
         help="vlm: images and QA for the demo VLM; text: the person facts of models/world-llama as "
-        "train/validation/eval files (docs/generalize.md)",
+        "train/validation/eval files (docs/generalize.md); diffusion: prompts and noise seeds of the "
+        "16x16 object/style world (docs/diffusion.md; only --seed applies)",
     )
     add_dataclass_args(build, WorldConfig)
     train = world_sub.add_parser(
@@ -95,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("models"), help="writes OUT/world-llava and OUT/world-llama"
     )
     add_dataclass_args(train, WorldTrainConfig)
+    train_diffusion = world_sub.add_parser(
+        "train-diffusion",
+        help="train the shipped text-to-image pipeline and its classifier (CPU, about 20 minutes)",
+    )
+    train_diffusion.add_argument(
+        "--out", type=Path, default=Path("models"), help="writes OUT/world-diffusion and its classifier"
+    )
+    add_dataclass_args(train_diffusion, DiffusionTrainConfig)
 
     stages = {
         "collect": "collect site activations for SAE training into OUT/collect",
@@ -349,6 +359,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
+    from sauce_export.diffusion.recipe import is_diffusion_recipe
     from sauce_export.pipeline import Run, run_all
     from sauce_export.recipe import load_recipe
     from sauce_export.report import (
@@ -360,6 +371,10 @@ def _run_stage(args: argparse.Namespace) -> int:
     )
     from sauce_export.runtime import override
 
+    if is_diffusion_recipe(args.recipe):
+        from sauce_export.diffusion.run import run_command
+
+        return run_command(args)
     recipe = load_recipe(args.recipe)
     override(recipe.runtime, args.device, args.dtype)
     if "WORLD_SIZE" in os.environ and args.command != "run":  # see sauce_export/distributed.py
@@ -457,6 +472,18 @@ def _world(args: argparse.Namespace) -> int:
 
         files = build_text_world(args.out, args.seed)
         print(json.dumps({k: str(v) for k, v in files.items()}))
+        return 0
+    if args.world_command == "build" and args.kind == "diffusion":
+        from sauce_export.diffusion.world import build_world as build_diffusion_world
+
+        print(json.dumps({k: str(v) for k, v in build_diffusion_world(args.out, args.seed).items()}))
+        return 0
+    if args.world_command == "train-diffusion":
+        from sauce_export.diffusion.build import train_world_diffusion
+        from sauce_export.diffusion.model import DiffusionTrainConfig
+
+        report = train_world_diffusion(args.out, from_args(DiffusionTrainConfig, args), not args.quiet)
+        print(json.dumps(report, indent=1))
         return 0
     if args.world_command == "build":
         files = build_world(args.out, from_args(WorldConfig, args), progress=not args.quiet)
