@@ -20,7 +20,7 @@ import torch
 from sauce_export import distributed
 from sauce_export.activations import ActivationStore, CollectConfig, collect, merge_parts
 from sauce_export.architectures import resolve_site
-from sauce_export.calibrate import EditSettings, Point, Search, Validation, calibrate
+from sauce_export.calibrate import EditSettings, FoldCheck, Point, Search, Validation, calibrate
 from sauce_export.data import Concept, Row, concept_split, hold_out, read_rows
 from sauce_export.edit import Edit
 from sauce_export.errors import CalibrationFailed, InputError
@@ -387,6 +387,7 @@ class Run:
         searched = [str(e.concept()) for e in r.concepts if e.searched(r.calibrate)]
         key = {
             "select": ranked,
+            "fold": asdict(r.fold),
             "fixed": {c: p.to_dict() for c, p in fixed.items()},
             "calibrate": asdict(r.calibrate),
             "gates": asdict(r.verify),
@@ -401,14 +402,25 @@ class Run:
                 return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
             rows = self.validation_rows
             validation = self._validation()
+            check = None
+            if r.calibrate.fold_checks:
+                check = FoldCheck(
+                    lambda edit: fold(self.lm, edit, self.train_rows, self.concepts, r.fold, self.progress),
+                    r.verify.forget_slack,
+                    r.verify.keep_slack,
+                )
             try:
-                result = calibrate(validation, ranked, fixed, searched)
+                result = calibrate(validation, ranked, fixed, searched, check)
             except CalibrationFailed as err:
                 (directory / "failed.json").write_text(
                     json.dumps({"error": str(err), "table": err.table}, indent=1)
                 )
                 raise
             result["validation"] = {"source": self.validation_source, "rows": len(rows)}
+            patch = result.pop("patch")
+            if patch is not None:  # the fold stage reuses the fold checked here
+                patch.save(directory / "patch.safetensors")
+                result["folded"] = _edit_key(self.edit_of(result["choices"]))
             if self.progress:
                 print(
                     f"calibrate: {result['evaluations']} hooked evaluations ({result['rows_scored']} "
@@ -429,6 +441,10 @@ class Run:
             methods=cal.methods,
             top_n=cal.top_n,
             clamps=cal.clamps,
+            clamp_step=cal.clamp_step,
+            deeper=cal.deeper,
+            runner_ups=cal.runner_ups,
+            fold_checks=cal.fold_checks,
             forget_margin=cal.forget_margin,
             keep_margin=cal.keep_margin,
             hooked_forget_margin=gates.hooked_forget_margin,
@@ -537,7 +553,10 @@ class Run:
     def edit(self) -> Edit:
         """The reference edit: every concept's selected latents, clamped together at the site (a
         latent selected by several concepts gets the most negative of their targets)."""
-        points = {c: Point.from_dict(p) for c, p in self.choices().items()}
+        return self.edit_of(self.choices())
+
+    def edit_of(self, choices: dict[str, dict[str, Any]]) -> Edit:
+        points = {c: Point.from_dict(p) for c, p in choices.items()}
         return self._edit_settings().union(points)
 
     def patch(self) -> Patch:
@@ -553,8 +572,12 @@ class Run:
             "model": r.model,
         }
 
+        # Asked here, on every rank: under torchrun the body runs on rank 0 alone.
+        reuse = r.edit.method == "clamp" and self.calibrate().get("folded") == _edit_key(self.edit())
+
         def body(directory: Path) -> dict[str, Any]:
             rows = self.train_rows
+            checked = self.out / "calibrate" / "patch.safetensors"
             if r.edit.method == "subspace":
                 site = str(parse_site(r.site, r.path))
                 chosen = self.calibrate().get("subspace", {})
@@ -568,6 +591,9 @@ class Run:
                         self.lm, self.sae(), self.collect(), self.sample_rows(), features
                     )
                 }
+            elif reuse and checked.exists():
+                patch = Patch.load(checked)  # this very edit, folded and checked by calibrate
+                extra = {}
             else:
                 patch = fold(self.lm, self.edit(), rows, self.concepts, r.fold, self.progress)
                 extra = {}
@@ -679,6 +705,11 @@ class Run:
 REFERENCE = {"clamp": "hooked", "subspace": "folded"}
 """The variant every other is measured against: the hooked clamp, or the subspace patch itself
 (fitted to the objective, not to the clamp; the hooked clamp is then reported for contrast)."""
+
+
+def _edit_key(edit: Edit) -> dict[str, Any]:
+    """What identifies an edit's fold besides the recipe: its latents and their targets."""
+    return {"features": list(edit.features), "clamps": list(edit.clamps)}
 
 
 def label_sums(

@@ -125,11 +125,21 @@ class CalibrateSection:
         metadata={"help": "Feature scores tried."},
     )
     top_n: list[int] = field(
-        default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "Feature counts tried (doubling)."}
+        default_factory=lambda: [1, 2, 3, 4, 6, 8], metadata={"help": "Feature counts tried."}
     )
     clamps: list[float] = field(
         default_factory=lambda: [0.0, -10.0, -30.0, -60.0, -100.0],
-        metadata={"help": "Clamp targets tried, bisected in this order of |clamp|."},
+        metadata={"help": "Clamp grid, bisected in this order of |clamp| for the first that forgets."},
+    )
+    clamp_step: float = _f(
+        5.0, "Refine the first forgetting clamp in steps of this between grid points (0: grid only).", min=0
+    )
+    deeper: int = _f(3, "Clamps past the first that forgets scored while the summary score rises.", min=0)
+    runner_ups: int = _f(3, "Points per concept after its best tried in the unions of all concepts.", min=0)
+    fold_checks: int = _f(
+        3,
+        "Unions meeting every limit that are folded and checked on validation rows (0: no fold check).",
+        min=0,
     )
     forget_margin: float = _f(0.03, "Validation forget_acc must be this far under the verify gate's limit.")
     keep_margin: float = _f(

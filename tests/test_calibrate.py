@@ -8,8 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
+from sauce_export.calibrate import clamps_between
 from sauce_export.cli import main
 from sauce_export.data import hold_out, read_rows, write_jsonl
 
@@ -90,7 +93,11 @@ def test_calibration_never_reads_the_evaluation_file(
         assert choice["calibrated"] and (choice["top_n"], choice["clamp"], choice["size"]) == (1, 0.0, 1.0)
         (chosen,) = [e for e in result["table"] if e["concept"] == name and e["chosen"]]
         assert chosen["passed"] and chosen["forget_acc"] <= result["limits"][name]["forget_max"]
-    assert result["table"][-1]["phase"] == "union" and result["table"][-1]["passed"]
+    # the union passed hooked, was folded, and the fold (reused by the fold stage) passed too
+    assert [e["phase"] for e in result["table"][-2:]] == ["union", "fold"]
+    assert result["table"][-1]["passed"] and result["table"][-1]["chosen"] and result["folds"] == 1
+    checked, folded = (load_file(out / d / "patch.safetensors") for d in ("calibrate", "fold"))
+    assert checked.keys() == folded.keys() and all(torch.equal(checked[k], folded[k]) for k in checked)
     stamp = (out / "calibrate" / "stage.json").stat().st_mtime_ns
     capsys.readouterr()
 
@@ -137,3 +144,9 @@ def test_a_concept_without_validation_rows_exits_1(
     recipe = _recipe(tmp_path, world, tiny_llava_dir)
     assert main(["--quiet", "calibrate", str(recipe), "--out", str(tmp_path / "run")]) == 1
     assert "no validation rows ask about event:concert" in capsys.readouterr().err
+
+
+def test_clamps_between_grid_points() -> None:
+    assert clamps_between(-30.0, -60.0, 5.0) == [-35.0, -40.0, -45.0, -50.0, -55.0, -60.0]
+    assert clamps_between(0.0, -10.0, 4.0) == [-4.0, -8.0, -10.0]
+    assert clamps_between(-30.0, -60.0, 0.0) == [-60.0]  # no refinement

@@ -101,8 +101,8 @@ def test_llava_plan(llava_plan: dict[str, Any]) -> None:
     conv = plan["conventions"]  # the fixture is config.json alone: no tokenizer to tell the padding
     assert conv["padding"] is None and any("no tokenizer files" in n for n in plan["notes"])
     assert (conv["tied_embeddings"], conv["rope_scaling"], conv["eos_token_id"]) == (False, None, 2)
-    rank = plan["fold"]["rank"]  # 2 calibrated concepts, each up to max(calibrate.top_n) = 16 latents
-    assert rank == 32 and plan["fold"]["patch_params"] == rank * (4096 + 4096) + rank * (4096 + 11008)
+    rank = plan["fold"]["rank"]  # 2 calibrated concepts, each up to max(calibrate.top_n) = 8 latents
+    assert rank == 16 and plan["fold"]["patch_params"] == rank * (4096 + 4096) + rank * (4096 + 11008)
 
 
 def test_mllama_plan(mllama_plan: dict[str, Any]) -> None:
@@ -151,8 +151,8 @@ def test_projection_and_gated_plans(tmp_path: Path) -> None:
 def test_per_concept_top_n_sizes_the_patch(llava_plan: dict[str, Any], tmp_path: Path) -> None:
     concepts = [{"kind": "object", "name": "dog", "top_n": 3}, {"kind": "colour", "name": "red"}]
     plan = dry_run(load_recipe(_variant(LLAVA_RECIPE, tmp_path, concepts=concepts)), str(LLAVA))
-    assert llava_plan["fold"]["rank"] == 16 + 16  # calibrated: up to max(calibrate.top_n) each
-    assert plan["fold"]["rank"] == 3 + 16
+    assert llava_plan["fold"]["rank"] == 8 + 8  # calibrated: up to max(calibrate.top_n) each
+    assert plan["fold"]["rank"] == 3 + 8
     fixed = dry_run(load_recipe(_variant(LLAVA_RECIPE, tmp_path, calibrate__search=False)), str(LLAVA))
     assert fixed["fold"]["rank"] == 8 + 8  # select.top_n for each concept
 
