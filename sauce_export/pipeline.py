@@ -6,6 +6,7 @@ and an interrupted run resumes where it stopped (activation collection resumes m
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import sys
@@ -54,7 +55,14 @@ from sauce_export.select import (
 from sauce_export.sites import parse_site
 from sauce_export.subspace import fit_subspace, top_tokens
 from sauce_export.subspace import search as subspace_search
-from sauce_export.verify import Variant, fidelity_report, fidelity_sets, gate_checks
+from sauce_export.verify import (
+    Cached,
+    Variant,
+    fidelity_report,
+    fidelity_sets,
+    gate_checks,
+    reference_outputs,
+)
 
 STAGES = ("collect", "train-sae", "select", "calibrate", "fold", "export", "verify")
 
@@ -98,6 +106,12 @@ class Run:
             self.count_tokens(self._lm.model)
             resolve_site(self._lm.model, self.recipe.site, self.recipe.path)  # fail before any work
         return self._lm
+
+    def release_model(self) -> None:
+        """Drop the source model (the next use loads it again): verify frees it before loading the
+        export, so the two are never in memory at once."""
+        self._lm = None
+        gc.collect()
 
     def count_tokens(self, model: torch.nn.Module) -> None:
         """Add the real (unpadded) tokens of every forward of ``model`` to this Run's count."""
@@ -280,6 +294,7 @@ class Run:
         key = {"collect": self.collect().manifest["config"], "sae": asdict(r.sae), "model": r.model}
 
         def body(directory: Path) -> dict[str, Any]:
+            self.release_model()  # the SAE trains on the stored activations alone (fold reloads it)
             store = self.collect()
             own = store.part(distributed.rank(), distributed.world())  # each rank reads its own shards
             if external is not None:
@@ -632,39 +647,86 @@ class Run:
             "choices": self.choices(),
         }
 
-        def body(directory: Path) -> dict[str, Any]:
-            rows, bs = self.eval_rows, r.eval.batch_size
-            model = self.lm.model
-            reloaded = load_model(exported["path"], where="export", **self.placement.load_options())
-            self.count_tokens(reloaded.model)
-            variants = [
-                Variant("original", model),
-                Variant("hooked", model, lambda: edit.apply(model)),
-                Variant("folded", model, lambda: patch.apply(model)),
-                Variant("exported", reloaded.model),
-            ]
+        # Fidelity prompts per concept; rank 0 measures fidelity, every rank scores its share of rows.
+        sets = {
+            str(c): fidelity_sets(
+                self.eval_rows, c, self.concepts, r.eval.forget_split, r.eval.fidelity_rows, r.fold.seed
+            )
+            for c in self.concepts
+        }
+
+        def scored(lm: LoadedModel, variants: list[Variant], reference: dict[str, Cached]) -> tuple[Any, Any]:
+            """Every row's correctness under each variant (rows split over the ranks, gathered) and,
+            on rank 0, each concept's fidelity of each variant to the cached reference."""
 
             def score() -> dict[str, dict[str, bool]]:  # under torchrun: this rank's share of the rows
-                correctness = {}
+                out = {}
                 for v in variants:
                     with v.context():
-                        correctness[v.name] = row_correctness(
-                            LoadedModel(v.model, self.lm.tokenizer, self.lm.processor, self.lm.path),
-                            distributed.part(rows),
-                            bs,
+                        out[v.name] = row_correctness(
+                            LoadedModel(v.model, lm.tokenizer, lm.processor, lm.path),
+                            distributed.part(self.eval_rows),
+                            r.eval.batch_size,
                             f"eval {v.name}",
                             self.progress,
                         )
-                return correctness
+                return out
 
             shares = distributed.gather(distributed.together(score))
-            correctness = {v.name: {k: ok for s in shares for k, ok in s[v.name].items()} for v in variants}
-            return distributed.on_main(lambda: measure(variants, correctness))
+            correct = {v.name: {k: ok for s in shares for k, ok in s[v.name].items()} for v in variants}
 
-        def measure(variants: list[Variant], correctness: dict[str, dict[str, bool]]) -> dict[str, Any]:
-            """Rank 0: the metrics from every row's correctness, and fidelity to the hooked edit."""
-            rows, bs = self.eval_rows, r.eval.batch_size
-            reference = next(v for v in variants if v.name == REFERENCE[r.edit.method])
+            def fidelities() -> dict[str, dict[str, dict[str, float]]]:
+                bs, progress = r.eval.batch_size, self.progress
+                return {
+                    c: {
+                        v.name: fidelity_report(lm, reference[c], v, sets[c], edit, bs, progress)
+                        for v in variants
+                    }
+                    for c in sets
+                }
+
+            return correct, distributed.on_main(fidelities)
+
+        def on_source() -> tuple[Any, Any, dict[str, Cached]]:
+            lm, bs = self.lm, r.eval.batch_size
+            model = lm.model
+            source = [
+                Variant("original", model),
+                Variant("hooked", model, lambda: edit.apply(model)),
+                Variant("folded", model, lambda: patch.apply(model)),
+            ]
+            ref = next(v for v in source if v.name == REFERENCE[r.edit.method])
+
+            def cache() -> dict[str, Cached]:  # rank 0 alone measures fidelity
+                if not distributed.is_main():
+                    return {}
+                return {
+                    c: Cached(
+                        ref.name,
+                        {n: reference_outputs(lm, ref, rows, edit.site, bs) for n, rows in s.items()},
+                    )
+                    for c, s in sets.items()
+                }
+
+            reference = distributed.together(cache)
+            return *scored(lm, source, reference), reference
+
+        def body(directory: Path) -> dict[str, Any]:
+            # The source model and the exported one are never in memory together: the reference's
+            # outputs are cached, then the source is released before the export is loaded.
+            correct, fid, reference = on_source()
+            self.release_model()
+            reloaded = load_model(exported["path"], where="export", **self.placement.load_options())
+            self.count_tokens(reloaded.model)
+            more, more_fid = scored(reloaded, [Variant("exported", reloaded.model)], reference)
+            correct |= more
+            return distributed.on_main(lambda: measure(correct, {c: fid[c] | more_fid[c] for c in sets}))
+
+        def measure(
+            correctness: dict[str, dict[str, bool]], fidelity: dict[str, dict[str, dict[str, float]]]
+        ) -> dict[str, Any]:
+            """Rank 0: the metrics from every row's correctness, with each variant's fidelity."""
+            rows = self.eval_rows
             concepts = []
             for concept in self.concepts:
                 selection = metric_rows(
@@ -674,14 +736,10 @@ class Run:
                     raise InputError(
                         r.data.eval, "labels", f"no {r.eval.forget_split} questions about {concept}"
                     )
-                metrics = {v.name: concept_metrics(correctness[v.name], selection) for v in variants}
-                sets = fidelity_sets(
-                    rows, concept, self.concepts, r.eval.forget_split, r.eval.fidelity_rows, r.fold.seed
-                )
-                for v in variants:
-                    metrics[v.name].update(
-                        fidelity_report(self.lm, reference, v, sets, edit, bs, self.progress)
-                    )
+                metrics = {
+                    name: concept_metrics(correct, selection) | fidelity[str(concept)][name]
+                    for name, correct in correctness.items()
+                }
                 concepts.append(
                     {
                         "name": concept.name,
@@ -760,6 +818,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
 
     run = Run(recipe, out, progress)
     calibration = run.calibrate()
+    padding = asdict(run.lm.padding)  # before verify, which releases the model
     result = run.verify()
     distributed.close()  # what follows (reading finished stages, the report) is rank 0's alone
     if not distributed.is_main():
@@ -770,7 +829,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "model": recipe.model,
         "site": recipe.site,
-        "padding": asdict(run.lm.padding),
+        "padding": padding,
         "sae": run.sae_info,
         "fold": run.fold_info,
         "export": {"path": exported["path"], "files": exported["files"]},

@@ -22,7 +22,7 @@ from sauce_export.data import Concept, Row
 from sauce_export.edit import Edit
 from sauce_export.evaluate.metrics import metric_rows
 from sauce_export.hooks import hidden_of
-from sauce_export.lm import LoadedModel, batches
+from sauce_export.lm import Batch, LoadedModel, batches
 from sauce_export.progress import track
 
 Context = Callable[[], AbstractContextManager[Any]]
@@ -105,10 +105,29 @@ def _run(variant: Variant, inputs: dict[str, torch.Tensor], site: str) -> tuple[
     return torch.log_softmax(logits, -1), seen["h"].float().to(logits.device)
 
 
+RefBatch = tuple[torch.Tensor, torch.Tensor]
+"""The reference's outputs on one batch: log-probs at the answer positions, site output at real tokens."""
+
+
+def _ref_batch(variant: Variant, batch: Batch, site: str) -> RefBatch:
+    logp, h = _run(variant, batch.inputs, site)
+    return logp[batch.answer_mask], h[batch.inputs["attention_mask"].bool()]
+
+
+@torch.no_grad()
+def reference_outputs(
+    lm: LoadedModel, reference: Variant, rows: Sequence[Row], site: str, batch_size: int
+) -> list[RefBatch]:
+    """The reference's outputs on ``rows``, batched as ``fidelity`` batches them: computed once, so
+    a candidate loaded after the reference's model was released (verify's exported model) can
+    still be compared with it, and each candidate costs one forward instead of two."""
+    return [_ref_batch(reference, batch, site) for batch in batches(lm, rows, batch_size)]
+
+
 @torch.no_grad()
 def fidelity(
     lm: LoadedModel,
-    reference: Variant,
+    reference: Variant | list[RefBatch],
     candidate: Variant,
     rows: Sequence[Row],
     edit: Edit,
@@ -116,20 +135,23 @@ def fidelity(
     progress: bool = True,
 ) -> dict[str, float]:
     """Mean KL(reference || candidate) and top-1 agreement at answer positions; cosine of the site
-    output over all real tokens; mean activation of the selected latents under the candidate."""
+    output over all real tokens; mean activation of the selected latents under the candidate.
+    ``reference``: a variant, or its ``reference_outputs`` on these rows."""
     kl_sum = agree = n_answer = 0.0
     cos_sum = n_tokens = act_sum = 0.0
     total = (len(rows) + batch_size - 1) // batch_size
-    for batch in track(batches(lm, rows, batch_size), f"fidelity {candidate.name}", progress, total):
-        ref_logp, ref_h = _run(reference, batch.inputs, edit.site)
+    encoded = track(batches(lm, rows, batch_size), f"fidelity {candidate.name}", progress, total)
+    for i, batch in enumerate(encoded):
+        p_ref, ref_h = (
+            reference[i] if isinstance(reference, list) else _ref_batch(reference, batch, edit.site)
+        )
         logp, h = _run(candidate, batch.inputs, edit.site)
         answer = batch.answer_mask
-        p_ref = ref_logp[answer]
         kl_sum += float((p_ref.exp() * (p_ref - logp[answer])).sum(-1).sum())
         agree += float((p_ref.argmax(-1) == logp[answer].argmax(-1)).sum())
         n_answer += int(answer.sum())
         real = batch.inputs["attention_mask"].bool()
-        cos_sum += float(torch.cosine_similarity(ref_h[real], h[real], dim=-1).sum())
+        cos_sum += float(torch.cosine_similarity(ref_h, h[real], dim=-1).sum())
         act_sum += float(edit.sae.encode(h[real].to(edit.sae.W_dec))[:, list(edit.features)].sum())
         n_tokens += int(real.sum())
     return {
@@ -140,9 +162,17 @@ def fidelity(
     }
 
 
+@dataclass(frozen=True)
+class Cached:
+    """A reference variant's name and its ``reference_outputs`` per fidelity set."""
+
+    name: str
+    sets: dict[str, list[RefBatch]]
+
+
 def fidelity_report(
     lm: LoadedModel,
-    reference: Variant,
+    reference: Variant | Cached,
     candidate: Variant,
     sets: dict[str, list[Row]],
     edit: Edit,
@@ -157,7 +187,8 @@ def fidelity_report(
     for name, rows in sets.items():
         if not rows:
             continue
-        f = fidelity(lm, reference, candidate, rows, edit, batch_size, progress)
+        ref_set = reference.sets[name] if isinstance(reference, Cached) else reference
+        f = fidelity(lm, ref_set, candidate, rows, edit, batch_size, progress)
         out[f"kl_vs_{ref}_{name}"] = round(f["kl"], 6)
         out[f"top1_agree_vs_{ref}_{name}"] = round(f["top1"], 4)
         agree, cos, weight = agree + f["top1"] * len(rows), cos + f["cos"] * len(rows), weight + len(rows)

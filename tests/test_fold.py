@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sauce_export.data import Concept, read_rows
 from sauce_export.edit import Edit
 from sauce_export.errors import InputError
-from sauce_export.fold import FoldConfig, calibration_rows, capture, fold, projection_fold, ridge_solve
+from sauce_export.fold import FoldConfig, Ridge, calibration_rows, capture, fold, projection_fold, ridge_solve
 from sauce_export.lm import batches, load_model
 from sauce_export.patch import Growth, Patch, WeightDelta
 from sauce_export.sae.model import SAE, SaeConfig
@@ -181,3 +181,16 @@ def test_calibration_rows_balance_concepts_and_rest(tiny_world) -> None:
         assert len(mine) >= 16 * 0.75  # each concept gets its share of the 32 positives
         assert sum(r.question_kind == c.kind for r in mine) >= 8  # questions about the concept itself
     assert calib == calibration_rows(rows, concepts, 64, seed=0)  # deterministic
+
+
+def test_ridge_streams_rows_then_statistics() -> None:
+    """Fewer rows than inputs: the dual solve on the rows kept; more: X^T X. Both are the ridge fit."""
+    g = torch.Generator().manual_seed(0)
+    for n_rows, kept_rows in ((50, True), (300, False)):
+        x, c = torch.randn(n_rows, 120, generator=g, dtype=torch.float64), torch.randn(n_rows, 3, generator=g)
+        fit = Ridge(1e-3)
+        for start in range(0, n_rows, 37):
+            fit.add(x[start : start + 37].float(), c[start : start + 37])
+        assert (fit.xtx is None) == kept_rows and fit.tokens == n_rows
+        expected = ridge_solve(x.T @ x, x.T @ c.double(), 1e-3)  # float64 statistics
+        assert torch.allclose(fit.solve(), expected.float(), atol=1e-4, rtol=1e-3)
