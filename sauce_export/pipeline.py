@@ -82,6 +82,7 @@ class Run:
         self._sae: SAE | None = None
         self._ranked: dict[str, dict[str, list[int]]] | None = None
         self._choices: dict[str, dict[str, Any]] | None = None
+        self._method: str | None = None
         self._placement: Placement | None = None
         self._split: tuple[list[Row], list[Row]] | None = None
         self._reported: set[str] = set()
@@ -383,14 +384,46 @@ class Run:
 
         return self._stage("select", key, body)["ranked"]
 
+    @property
+    def method(self) -> str:
+        """``clamp`` or ``subspace``: the recipe's ``edit.method``, or what ``auto`` calibrated to."""
+        if self.recipe.edit.method != "auto":
+            return self.recipe.edit.method
+        if self._method is None:
+            self.calibrate()
+        assert self._method is not None
+        return self._method
+
     def calibrate(self) -> dict[str, Any]:
         """The calibrate stage: each concept's point (searched on validation rows, or the recipe's
-        own), the search table and its cost. CalibrationFailed (exit 1) when nothing passes."""
+        own), the search table and its cost. CalibrationFailed (exit 1) when nothing passes.
+
+        ``edit.method: auto`` searches the clamp first and, when no clamp point passes on
+        validation, the subspace patch (docs/selectivity.md: on text persons no clamp passes)."""
         r = self.recipe
         ranked = self.select()
         if r.edit.method == "subspace":
             self.calibration = self._subspace_calibration(ranked)
             return self.calibration
+        if r.edit.method == "clamp":
+            return self._clamp_calibration(ranked)
+        if self._method is not None:
+            return self.calibration
+        try:
+            self._clamp_calibration(ranked)
+            self._method = "clamp"
+        except CalibrationFailed as err:
+            rows = self.validation_rows
+            if not all(any(c.asked_by(row) for row in rows) for c in self.concepts):
+                raise  # a concept without validation rows: no search can help
+            if self.progress:
+                print(f"calibrate: {err}; searching the subspace patch", file=sys.stderr)
+            self.calibration = {**self._subspace_calibration(ranked), "clamp_failed": str(err)}
+            self._method = "subspace"
+        return self.calibration
+
+    def _clamp_calibration(self, ranked: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+        r = self.recipe
         fixed = {}
         for entry in r.concepts:
             name = str(entry.concept())
@@ -582,18 +615,18 @@ class Run:
             "edit": asdict(r.edit),
             "clamps": self.concept_clamps(),
             "fold": asdict(r.fold)
-            if r.edit.method == "clamp"
+            if self.method == "clamp"
             else [asdict(r.subspace), self.calibrate().get("subspace")],
             "model": r.model,
         }
 
         # Asked here, on every rank: under torchrun the body runs on rank 0 alone.
-        reuse = r.edit.method == "clamp" and self.calibrate().get("folded") == _edit_key(self.edit())
+        reuse = self.method == "clamp" and self.calibrate().get("folded") == _edit_key(self.edit())
 
         def body(directory: Path) -> dict[str, Any]:
             rows = self.train_rows
             checked = self.out / "calibrate" / "patch.safetensors"
-            if r.edit.method == "subspace":
+            if self.method == "subspace":
                 site = str(parse_site(r.site, r.path))
                 chosen = self.calibrate().get("subspace", {})
                 cfg = replace(r.subspace, **{k: chosen[k] for k in ("lr", "steps") if k in chosen})
@@ -695,7 +728,7 @@ class Run:
                 Variant("hooked", model, lambda: edit.apply(model)),
                 Variant("folded", model, lambda: patch.apply(model)),
             ]
-            ref = next(v for v in source if v.name == REFERENCE[r.edit.method])
+            ref = next(v for v in source if v.name == REFERENCE[self.method])
 
             def cache() -> dict[str, Cached]:  # rank 0 alone measures fidelity
                 if not distributed.is_main():
@@ -824,7 +857,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     if not distributed.is_main():
         return {}
     exported = run.export()
-    checks = gate_checks(result["concepts"], recipe.verify, "exported", REFERENCE[recipe.edit.method])
+    checks = gate_checks(result["concepts"], recipe.verify, "exported", REFERENCE[run.method])
     report = {
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "model": recipe.model,
@@ -835,7 +868,8 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "export": {"path": exported["path"], "files": exported["files"]},
         "concepts": result["concepts"],
         "gates": {"passed": all(c["passed"] for c in checks), "checks": checks},
-        "reference": REFERENCE[recipe.edit.method],
+        "reference": REFERENCE[run.method],
+        "method": run.method,
         "metrics_reported": list(METRICS),
         "calibration": calibration,
         "machine": machine(),

@@ -100,10 +100,11 @@ class SelectSection:
 
 @dataclass
 class EditSection:
-    method: Literal["clamp", "subspace"] = _f(
-        "clamp",
+    method: Literal["auto", "clamp", "subspace"] = _f(
+        "auto",
         "clamp: the SAE clamp (the papers' edit), folded by fold.*. subspace: a patch along the selected "
-        "latents' decoder directions fitted to the unlearning objective (subspace.*, docs/subspace.md).",
+        "latents' decoder directions fitted to the unlearning objective (subspace.*, docs/subspace.md). "
+        "auto: the clamp, or the subspace patch when no clamp point passes on validation rows.",
     )
     clamp: float = _f(0.0, "Target value c of the selected latents (0 or negative).", max=0)
     multiplier: float | None = _f(None, "If set, f -> multiplier * f instead of the value clamp.")

@@ -117,7 +117,13 @@ def test_a_search_that_finds_nothing_exits_1_with_its_table(
 ) -> None:
     world = _world_copy(tmp_path, tiny_world)
     # a forget limit under 0 cannot be met: every point is tried and fails
-    recipe = _recipe(tmp_path, world, tiny_llava_dir, calibrate={"forget_margin": 0.5, "top_n": [1, 2]})
+    recipe = _recipe(
+        tmp_path,
+        world,
+        tiny_llava_dir,
+        calibrate={"forget_margin": 0.5, "top_n": [1, 2]},
+        edit={"method": "clamp"},  # auto would go on to search the subspace patch
+    )
     assert main(["--quiet", "calibrate", str(recipe), "--out", str(tmp_path / "run")]) == 1
     captured = capsys.readouterr()
     assert "| concept | phase | method |" in captured.out
