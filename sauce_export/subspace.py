@@ -455,8 +455,9 @@ def top_tokens(
     features: Sequence[int],
     k: int = 5,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per latent, the ``k`` stored train tokens where it fires most: the token, its row and the
-    activation (what a reader checks a latent against before trusting the patch built on it)."""
+    """Per latent, the ``k`` stored train tokens where it fires most: the token, its row (id and
+    labels) and the activation (what a reader checks a latent against before trusting the patch
+    built on it; an image token says little alone, its row's labels say whose image it was)."""
     feats = list(features)
     best_val = torch.full((len(feats), k), float("-inf"))
     best_at = torch.zeros((len(feats), k, 2), dtype=torch.long)
@@ -477,22 +478,31 @@ def top_tokens(
             if row_idx not in ids:
                 ids[row_idx] = encode_batch(lm, [rows[row_idx]]).inputs["input_ids"][0].tolist()
             token = lm.tokenizer.convert_ids_to_tokens(ids[row_idx][pos])
-            found.append({"token": token, "row": rows[row_idx].id, "act": round(value, 4)})
+            row = rows[row_idx]
+            found.append({"token": token, "row": row.id, "labels": row.labels, "act": round(value, 4)})
         out[str(latent)] = found
     return out
 
 
 def latents_markdown(fold: Mapping[str, Any]) -> str:
-    """The patch's latents: concept, write norm along the decoder direction, top train tokens."""
+    """The patch's latents: concept, write norm along the decoder direction, top train tokens with
+    their row's label of the concept's kind."""
     desc, tokens = fold.get("description", {}), fold.get("top_tokens", {})
     owner = {str(f): c for c, fs in desc.get("latents", {}).items() for f in fs}
     lines = [
-        "| latent | concept | write norm | top-activating train tokens (activation) |",
+        "| latent | concept | write norm | top-activating train tokens (activation, the row's label) |",
         "|---|---|---|---|",
     ]
     for latent, norm in desc.get("writes", {}).items():
-        top = ", ".join(f"`{t['token']}` ({t['act']:.2f})" for t in tokens.get(latent, [])) or "-"
-        lines.append(f"| {latent} | {owner.get(latent, '-')} | {norm:.3f} | {top} |")
+        concept = owner.get(latent, "-")
+        kind = concept.split(":", 1)[0]
+
+        def cell(t: dict[str, Any], kind: str = kind) -> str:
+            label = t.get("labels", {}).get(kind)
+            return f"`{t['token']}` ({t['act']:.2f}" + (f", {kind} {label})" if label else ")")
+
+        top = ", ".join(cell(t) for t in tokens.get(latent, [])) or "-"
+        lines.append(f"| {latent} | {concept} | {norm:.3f} | {top} |")
     return "\n".join(lines)
 
 

@@ -114,13 +114,14 @@ def test_report_and_card_list_each_latent_with_its_top_train_tokens(
     for found in tokens.values():
         acts = [t["act"] for t in found]
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
-        assert all(t["row"] in train_ids and t["token"] for t in found)
+        assert all(t["row"] in train_ids and t["token"] and "person" in t["labels"] for t in found)
     assert any(tokens.values())
     card = (run / "export" / "model" / "README.md").read_text()
     for text in ((run / "report.md").read_text(), card):
         assert "## Latents of the subspace patch" in text
         for f in features:
             assert f"| {f} | person:" in text
+        assert ", person " in text  # each top token names the person of its row
 
 
 def test_suppress_loss_is_a_hinge_on_the_answer_logit() -> None:
