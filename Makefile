@@ -33,6 +33,7 @@ bench: $(STAMP) data/world/train.jsonl
 	$(PY) benchmarks/export_bench.py --out runs/bench
 	$(PY) benchmarks/methods_bench.py --out runs/bench
 	$(PY) benchmarks/scaling.py --out runs/bench
+	$(PY) benchmarks/sae_peer.py --out runs/bench
 
 # The demo on CUDA against the CPU run (benchmarks/gpu_check.py, docs/runtime.md): every metric
 # within 1 pt, KL(cpu || cuda) on retain prompts <= 0.01. Without CUDA: one skip line, exit 0.

@@ -196,7 +196,7 @@ _BANDWIDTH = 1e-3
 def _forward(
     sae: SAE, x: torch.Tensor, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reconstruction, pre-activations (for AuxK), each token's active latents (a bool ``[n, d_sae]``)
+    """Reconstruction, pre-activations (for AuxK), how many tokens each latent fired on (``[d_sae]``)
     and the sparsity penalty of this kind (0 for topk)."""
     pre = sae.pre_acts(x)
     if cfg.kind == "topk":
@@ -205,15 +205,17 @@ def _forward(
         vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
         vals = vals.relu()
         x_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
-        active = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, vals > 0)
-        return x_hat, pre, active, pre.new_zeros(())
+        counts = pre.new_zeros(pre.shape[-1], dtype=torch.int32).index_add_(
+            0, idx.flatten(), (vals > 0).flatten().int()
+        )  # from the k winners, not a dense [n, d_sae] mask
+        return x_hat, pre, counts, pre.new_zeros(())
     if cfg.kind == "jumprelu":
         gate = _JumpStep.apply(pre, sae.threshold, _BANDWIDTH)
         f, penalty = pre.relu() * gate, cfg.l0_coeff * gate.sum(-1).mean()
     else:
         f = sae.activate(pre)
         penalty = cfg.l1_coeff * f.sum(-1).mean()
-    return sae.decode(f), pre, f > 0, penalty
+    return sae.decode(f), pre, (f > 0).sum(0, dtype=torch.int32), penalty
 
 
 class _Objective(nn.Module):
@@ -225,14 +227,14 @@ class _Objective(nn.Module):
         self.sae, self.cfg = sae, cfg
 
     def forward(self, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, FVU of the batch, active latents per token)."""
-        x_hat, pre, active, penalty = _forward(self.sae, x, self.cfg)
+        """(loss, FVU of the batch, tokens each latent fired on)."""
+        x_hat, pre, counts, penalty = _forward(self.sae, x, self.cfg)
         err = x - x_hat
         fvu = err.pow(2).sum(-1).mean()  # the standardised data has unit mean squared norm
         loss = fvu + penalty
         if self.cfg.auxk_alpha > 0:
             loss = loss + self.cfg.auxk_alpha * _auxk_loss(self.sae, pre, err, dead)
-        return loss, fvu, active
+        return loss, fvu, counts
 
 
 def _auxk_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -242,8 +244,9 @@ def _auxk_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tenso
         return pre.new_zeros(())
     k_aux = err.shape[-1] // 2
     scale = min(num_dead / k_aux, 1.0)
-    vals, idx = torch.where(dead[None], pre, -torch.inf).topk(min(k_aux, num_dead), dim=-1, sorted=False)
-    vals = vals.relu()
+    dead_idx = dead.nonzero().squeeze(1)  # top-k over the dead columns only, not all d_sae of them
+    vals, pick = pre[:, dead_idx].topk(min(k_aux, num_dead), dim=-1, sorted=False)
+    vals, idx = vals.relu(), dead_idx[pick]
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
     return scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
@@ -308,7 +311,7 @@ def train_sae(
         for batch in _batches(data, batch_size, gen):
             x = (batch - mean32) / scale
             dead = since_fired >= cfg.dead_after
-            loss, fvu, active = objective(x, dead)
+            loss, fvu, counts = objective(x, dead)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _remove_parallel_grad(sae)
@@ -318,7 +321,7 @@ def train_sae(
                 sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
                 if cfg.kind == "jumprelu":
                     sae.threshold.clamp_(min=0.0)
-                fired = distributed.all_sum(active.any(0).int()) > 0
+                fired = distributed.all_sum(counts.clone()) > 0
                 since_fired += x.shape[0] * distributed.world()
                 since_fired[fired] = 0
             step += 1
@@ -326,7 +329,7 @@ def train_sae(
             if step % 10 == 0 or step == total:
                 counter.set_postfix(
                     fvu=f"{fvu.item():.3f}",
-                    l0=f"{active.sum(-1).float().mean().item():.1f}",
+                    l0=f"{counts.sum().item() / x.shape[0]:.1f}",
                     dead=f"{float(dead.float().mean()):.3f}",
                 )
             if step >= total:
