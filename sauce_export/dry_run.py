@@ -38,6 +38,7 @@ from sauce_export.lm import padding_of
 from sauce_export.recipe import Recipe, check_sae_width, load_recipe_sae
 from sauce_export.runtime import checkpoint_dtype, dtype_name, resolve_dtype
 from sauce_export.sites import parse_site
+from sauce_export.subspace import writer_for_site
 
 DEFAULT_TEXT_TOKENS = 48  # chat template + question + short answer, when data.train is not there yet
 TEMPLATE_TOKENS = 12  # chat-template tokens around a row's prompt and answer
@@ -180,7 +181,14 @@ def _fold_plan(model: nn.Module, recipe: Recipe, feats: int, where: str) -> dict
     d_model = int(text_config(model.config).hidden_size)
     growth = 0
     intermediate: list[int] | None = None
-    if cfg.method == "projection":
+    method = cfg.method
+    if recipe.edit.method == "subspace":
+        # One writer; rank = the union of every concept's latents at the most the search may pick.
+        sub, method = recipe.subspace, "subspace"
+        names = [writer_for_site(model, str(site), sub.module)]
+        per = max(sub.latents_grid) if sub.search else sub.latents
+        rank = min(d_model, sum(e.top_n or per for e in recipe.concepts))
+    elif cfg.method == "projection":
         names = list(
             residual_writers(
                 model,
@@ -209,7 +217,7 @@ def _fold_plan(model: nn.Module, recipe: Recipe, feats: int, where: str) -> dict
         if not isinstance(module, nn.Linear | nn.Embedding):
             raise InputError(where, "fold.modules", f"{name} is not a Linear writer")
         patch += _lowrank(module, rank)
-    if cfg.method == "gated":
+    if method == "gated":
         width = int(text_config(model.config).intermediate_size)
         pad = max(cfg.pad_multiple, 1)
         intermediate = [width, -(-(width + feats) // pad) * pad]
@@ -227,8 +235,8 @@ def _fold_plan(model: nn.Module, recipe: Recipe, feats: int, where: str) -> dict
         for n in names
     ]
     return {
-        "method": cfg.method,
-        "rank": None if cfg.method == "gated" else rank,
+        "method": method,
+        "rank": None if method == "gated" else rank,
         "writers": writers,
         "intermediate_size": intermediate,
         "growth_params": growth,
@@ -301,10 +309,12 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
             "train_bytes": sae_params * 4 * 4,  # weights, gradients and two Adam moments in float32
         }
     feats = _features(recipe, d_sae)
+    fold = _fold_plan(lm, recipe, feats, where)
+    if fold["method"] == "subspace":
+        feats = fold["rank"]
     notes.append(
         f"patch sized for {feats} features (selection per concept x concepts; the union may be fewer)"
     )
-    fold = _fold_plan(lm, recipe, feats, where)
     conv, conv_notes = conventions(config, lm, directory)
     notes += conv_notes
 

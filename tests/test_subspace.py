@@ -187,3 +187,15 @@ def test_peft_adapter_of_the_patch_matches_the_patched_model(
             want = model(**inputs).logits
         got = PeftModel.from_pretrained(model, out)(**inputs).logits
     assert (got - want).abs().max() <= 1e-4 < (before - want).abs().max()
+
+
+def test_dry_run_sizes_the_subspace_patch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One writer (down_proj of the site layer), rank = concepts x the largest latent count searched."""
+    recipe, persons = text_recipe(tmp_path)
+    capsys.readouterr()  # world build's output
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--dry-run", "--json"]) == 0
+    fold = json.loads(capsys.readouterr().out)["fold"]
+    assert fold["method"] == "subspace" and fold["rank"] == 8 * len(persons)
+    (writer,) = fold["writers"]
+    assert writer["module"] == "model.layers.1.mlp.down_proj" and writer["shape"] == [128, 384]
+    assert fold["patch_params"] == fold["rank"] * (128 + 384)
