@@ -458,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     except CalibrationFailed as err:
         from sauce_export.report import calibration_table
 
+        if os.environ.get("RANK", "0") != "0":
+            return 1  # under torchrun rank 0 prints the table
         print(calibration_table(err.table))
         print(f"sauce-export: calibration failed: {err}", file=sys.stderr)
         return 1

@@ -115,19 +115,25 @@ def together(body: Callable[[], T]) -> T:
 
 
 def on_main(body: Callable[[], T]) -> T:
-    """Run ``body`` on rank 0 only and hand its (picklable) result to every rank; a failure there
-    ends the other ranks with RankExit."""
+    """Run ``body`` on rank 0 only and hand its (picklable) result to every rank. A failed
+    calibration is raised on every rank alike (a caller may catch it and go on: ``edit.method:
+    auto`` then searches the subspace patch); any other failure ends the other ranks with RankExit."""
     if not active():
         return body()
     box: list[Any] = [None]
     if is_main():
         try:
             box = [("ok", body())]
+        except CalibrationFailed as err:
+            dist.broadcast_object_list([("calibration", (str(err), err.table))], src=0)
+            raise
         except BaseException as err:
             dist.broadcast_object_list([("failed", _exit_code(err))], src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
+    if status == "calibration":
+        raise CalibrationFailed(*value)
     if status == "failed":
         raise RankExit(value)
     return value

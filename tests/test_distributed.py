@@ -84,3 +84,49 @@ def test_torchrun_refuses_device_map_and_single_stages(
     assert "runtime.device_map" in capsys.readouterr().err
     assert main(["--quiet", "collect", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "only `run` runs under torchrun" in capsys.readouterr().err
+
+
+def _rank_body(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: what each sees when rank 0's body fails, and a result handed over."""
+    import torch.distributed as dist
+
+    from sauce_export import distributed
+    from sauce_export.errors import CalibrationFailed, InputError, RankExit
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def fails(err: Exception):  # type: ignore[no-untyped-def]
+        def body() -> None:
+            raise err
+
+        return body
+
+    seen = {"part": distributed.part(list(range(5))), "value": distributed.on_main(lambda: f"from {rank}")}
+    try:
+        distributed.on_main(fails(CalibrationFailed("nothing passed", [{"clamp": -5}])))
+    except CalibrationFailed as err:  # every rank alike: a caller may catch it and go on
+        seen["calibration"] = [str(err), err.table]
+    try:
+        distributed.on_main(fails(InputError("recipe.yaml", "site", "no such layer")))
+    except InputError as err:
+        seen["input"] = str(err)
+    except RankExit as err:
+        seen["input"] = f"exit {err.code}"
+    distributed.close()
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+
+
+def test_rank_zero_results_and_failures_reach_every_rank(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_body, args=(port, str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert zero["part"] == [0, 2, 4] and one["part"] == [1, 3]
+    assert zero["value"] == one["value"] == "from 0"
+    assert zero["calibration"] == one["calibration"] == ["nothing passed", [{"clamp": -5}]]
+    assert zero["input"] == "recipe.yaml: site: no such layer" and one["input"] == "exit 2"
