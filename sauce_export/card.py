@@ -218,6 +218,18 @@ def _clamp_rule(report: dict[str, Any]) -> str:
     )
 
 
+def _subspace_note(report: dict[str, Any]) -> str:
+    """For a subspace run: the clamp below is the contrast, not what the weights carry."""
+    if report["fold"]["description"].get("method") != "subspace":
+        return ""
+    return (
+        "**This checkpoint carries the subspace patch, not the clamp** (`edit.method: subspace`, "
+        "see Fold): a low-rank change along the decoder directions of the latents below, fitted to "
+        "forget the concepts and keep the rest. The clamp of the same latents is what the report "
+        "measures beside it for contrast:\n\n"
+    )
+
+
 def card_metadata(report: dict[str, Any], relation: Relation, config: dict[str, Any]) -> ModelCardData:
     """The YAML header: Hub fields, and the run's summary under ``sauce_export`` for ``inspect``."""
     base = hub_base_model(report["model"])
@@ -322,7 +334,7 @@ def render_card(
                 ]
             ],
         ),
-        clamp_rule=_clamp_rule(report),
+        clamp_rule=_subspace_note(report) + _clamp_rule(report),
         calibration=calibration_text(report),
         fold_text=f"Method `{method}`: {_FOLDS.get(method, 'see the description below.')}\n\n"
         + (_table(["module", "rank", "norm"], fold_rows) if fold_rows else "")

@@ -117,6 +117,7 @@ def test_report_and_card_list_each_latent_with_its_top_train_tokens(
         assert all(t["row"] in train_ids and t["token"] and "person" in t["labels"] for t in found)
     assert any(tokens.values())
     card = (run / "export" / "model" / "README.md").read_text()
+    assert "carries the subspace patch, not the clamp" in card
     for text in ((run / "report.md").read_text(), card):
         assert "## Latents of the subspace patch" in text
         for f in features:
