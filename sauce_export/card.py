@@ -95,6 +95,16 @@ def _recipe_text(report: dict[str, Any]) -> str:
     )
 
 
+def _runtime_text(report: dict[str, Any]) -> str:
+    """Where the run computed (the recipe's runtime after --device/--dtype; torchrun's ranks)."""
+    rt = report.get("runtime")
+    if not rt:
+        return ""
+    where = f"device_map {rt['device_map']}" if rt["device_map"] else rt["device"]
+    ranks = f", {rt['ranks']} torchrun processes" if rt["ranks"] > 1 else ""
+    return f"Computed in {rt['dtype']} on {where}{ranks} (`runtime`, docs/runtime.md)."
+
+
 def file_records(folder: Path) -> list[dict[str, Any]]:
     """name, bytes and sha256 of every file under ``folder`` (what an upload of it sends)."""
     records = []
@@ -353,6 +363,7 @@ def render_card(
         else "The weights differ from the base model by a small patch; anyone with the base model can "
         "compute the difference and revert it.",
         recipe_yaml=_recipe_text(report),
+        runtime=_runtime_text(report),
         code_note=code_note(folder, relation),
         files_table=_table(
             ["file", "bytes", "sha256"], [[f"`{f['name']}`", f["bytes"], f"`{f['sha256']}`"] for f in files]

@@ -352,6 +352,8 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
             "load_dtype": dtype_name(load_dtype),
             "device": f"device_map {rt.device_map}" if rt.device_map else rt.device,
             "model_bytes": n_params * _nbytes(load_dtype),
+            "gpus": gpus_needed(n_params * _nbytes(load_dtype) + sae.get("train_bytes", sae["bytes"])),
+            "torchrun": f"torchrun --nproc-per-node N -m sauce_export run {where} --out DIR",
         },
         "export": {
             "bytes": ckpt + fold["growth_params"] * _nbytes(src_dtype),
@@ -359,6 +361,15 @@ def dry_run(recipe: Recipe, model: str | None = None) -> dict[str, Any]:
         },
         "notes": notes,
     }
+
+
+GPU_GB = (24, 40, 80)
+
+
+def gpus_needed(nbytes: int) -> dict[str, int]:
+    """GPUs of each common size that hold ``nbytes`` (the model once, the SAE in training) with a
+    10% margin for activations (docs/scaling.md: 1B bf16 peaked at the model + 0.5 GB on a CPU)."""
+    return {f"{gb} GB": math.ceil(1.1 * nbytes / (gb * 1e9)) for gb in GPU_GB}
 
 
 def _size(n: float) -> str:
@@ -432,6 +443,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     mem = plan["memory"]
     rows += [
         ("model memory", f"{_size(mem['model_bytes'])} ({mem['load_dtype']} on {mem['device']})"),
+        (
+            "GPUs needed",
+            ", ".join(f"{n} x {size}" for size, n in mem["gpus"].items())
+            + ": more than 1 -> runtime.device_map: auto; 1 -> "
+            + f"`{mem['torchrun']}` splits collect, SAE and verify over N of them",
+        ),
         (
             "export disk",
             f"{_size(plan['export']['bytes'])} ({'measured' if plan['export']['measured'] else 'estimated'})",

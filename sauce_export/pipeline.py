@@ -852,6 +852,7 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     run = Run(recipe, out, progress)
     calibration = run.calibrate()
     padding = asdict(run.lm.padding)  # before verify, which releases the model
+    ranks = distributed.world()
     result = run.verify()
     distributed.close()  # what follows (reading finished stages, the report) is rank 0's alone
     if not distributed.is_main():
@@ -874,6 +875,12 @@ def run_all(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         "calibration": calibration,
         "machine": machine(),
         "cost": run.cost(),
+        "runtime": {
+            "dtype": dtype_name(run.placement.dtype),
+            "device": str(run.placement.device),
+            "device_map": run.placement.device_map,
+            "ranks": ranks,
+        },
     }
     write_report(report, Path(out))
     from sauce_export.card import write_card

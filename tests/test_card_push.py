@@ -80,6 +80,7 @@ def test_run_writes_card(tiny_run: Path) -> None:
     assert "FVU | L0 | dead fraction |" in card and f"{report['sae']['fvu']:.4f}" in card
     recipe_text = Path(report["recipe"]["path"]).read_text().rstrip("\n")
     assert f"```yaml\n{recipe_text}\n```" in card  # verbatim, comment and braces included
+    assert "Computed in float32 on cpu (`runtime`" in card  # the tiny model's own dtype, one process
     assert "AutoModelForImageTextToText.from_pretrained(path)" in card and "LLM(model=path)" in card
     assert "convert_hf_to_gguf.py" in card
     assert "not a proof of erasure" in card and "fine-tuning" in card and "probes" in card

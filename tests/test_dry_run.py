@@ -25,7 +25,7 @@ import yaml
 from transformers import AutoConfig
 
 from sauce_export.cli import main
-from sauce_export.dry_run import dry_run
+from sauce_export.dry_run import dry_run, gpus_needed
 from sauce_export.errors import InputError
 from sauce_export.recipe import load_recipe
 
@@ -97,6 +97,10 @@ def test_llava_plan(llava_plan: dict[str, Any]) -> None:
     assert 5e9 < col["bytes"] < 1e11
     assert plan["sae"]["d_sae"] == 8 * 4096 and plan["sae"]["bytes"] == 4 * plan["sae"]["params"]
     assert plan["memory"]["model_bytes"] == 2 * plan["parameters"]  # runtime.dtype auto: float16
+    # 14 GB of float16 weights + the SAE's 4.3 GB in training fit one 24 GB GPU; torchrun spreads the data
+    assert plan["memory"]["gpus"] == {"24 GB": 1, "40 GB": 1, "80 GB": 1}
+    assert plan["memory"]["torchrun"].startswith("torchrun --nproc-per-node N -m sauce_export run ")
+    assert gpus_needed(140 * 10**9) == {"24 GB": 7, "40 GB": 4, "80 GB": 2}  # a 70B model in bf16
     assert plan["export"]["bytes"] == 2 * plan["parameters"] and not plan["export"]["measured"]  # fp16
     conv = plan["conventions"]  # the fixture is config.json alone: no tokenizer to tell the padding
     assert conv["padding"] is None and any("no tokenizer files" in n for n in plan["notes"])
