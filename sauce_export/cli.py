@@ -212,6 +212,9 @@ def _add_compare(sub: Any) -> None:
     cmp.add_argument("--attack-steps", default="5,20,50", help="relearning steps at which attacks score")
     cmp.add_argument("--attack-lrs-full", default="1e-4,1e-3", help="relearning learning rates, full")
     cmp.add_argument("--attack-lrs-lora", default="1e-3,1e-2", help="relearning learning rates, LoRA")
+    cmp.add_argument(
+        "--attack-rows", type=int, default=128, help="retain/interference rows per concept the attacks score"
+    )
     _add_threads(cmp)
     table = sub.add_parser(
         "compare-readme",
@@ -234,8 +237,12 @@ def _add_attack(sub: Any) -> None:
     att.add_argument("--model", required=True, help="the unlearned checkpoint (runs/demo/export/model)")
     att.add_argument("--out", type=Path, required=True, help="output directory")
     att.add_argument("--steps", default="5,20,50", help="relearning steps at which to score")
-    att.add_argument("--lrs-full", default="1e-4,1e-3", help="relearning learning rates, full fine-tuning")
-    att.add_argument("--lrs-lora", default="1e-3,1e-2", help="relearning learning rates, LoRA r=8")
+    att.add_argument(
+        "--lrs-full", default="1e-4,1e-3", help="relearning learning rates, full fine-tuning (empty: none)"
+    )
+    att.add_argument(
+        "--lrs-lora", default="1e-3,1e-2", help="relearning learning rates, LoRA r=8 (empty: none)"
+    )
     att.add_argument("--batch-size", type=int, default=16, help="relearning rows per step (default 16)")
     att.add_argument("--unrelated-rows", type=int, default=16, help="pool of unrelated relearning rows")
     att.add_argument("--quant", default="int8,int4", help="comma list of int8, int4 (or empty)")
@@ -258,12 +265,16 @@ def _set_threads(args: argparse.Namespace, command: str) -> None:
     torch.set_num_threads(args.threads)
 
 
-def _numbers(value: str, field: str, kind: type = float, command: str = "attack") -> tuple[Any, ...]:
-    """A comma list of positive numbers, or an InputError naming the option."""
+def _numbers(
+    value: str, field: str, kind: type = float, command: str = "attack", empty: bool = False
+) -> tuple[Any, ...]:
+    """A comma list of positive numbers (``empty``: or none), or an InputError naming the option."""
     try:
         numbers = tuple(kind(x) for x in value.split(",") if x)
     except ValueError:
         raise InputError(command, field, f"{value!r}: a comma list of numbers") from None
+    if empty and not numbers:
+        return numbers
     if not numbers or min(numbers) <= 0:
         raise InputError(command, field, f"{value!r}: a comma list of positive numbers")
     return numbers
@@ -282,8 +293,8 @@ def _attack(args: argparse.Namespace) -> int:
     _set_threads(args, "attack")
     cfg = AttackConfig(
         steps=_numbers(args.steps, "--steps", int),
-        lrs_full=_numbers(args.lrs_full, "--lrs-full"),
-        lrs_lora=_numbers(args.lrs_lora, "--lrs-lora"),
+        lrs_full=_numbers(args.lrs_full, "--lrs-full", empty=True),
+        lrs_lora=_numbers(args.lrs_lora, "--lrs-lora", empty=True),
         batch_size=args.batch_size,
         unrelated_rows=args.unrelated_rows,
         quant=quant,
@@ -315,8 +326,8 @@ def _compare(args: argparse.Namespace) -> int:
     if not (methods or subspace) or set(methods) - set(METHODS):
         raise InputError("compare", "--methods", f"{args.methods!r}: use {', '.join(METHODS)}, subspace")
     steps = _numbers(args.steps, "--steps", int, "compare")
-    if args.batch_size < 1 or args.beta <= 0:
-        raise InputError("compare", "--batch-size/--beta", "must be positive")
+    if args.batch_size < 1 or args.beta <= 0 or args.attack_rows < 1:
+        raise InputError("compare", "--batch-size/--beta/--attack-rows", "must be positive")
     _set_threads(args, "compare")
     attacks = None
     if args.attacks:
@@ -324,10 +335,11 @@ def _compare(args: argparse.Namespace) -> int:
 
         attacks = AttackConfig(
             steps=_numbers(args.attack_steps, "--attack-steps", int, "compare"),
-            lrs_full=_numbers(args.attack_lrs_full, "--attack-lrs-full", float, "compare"),
-            lrs_lora=_numbers(args.attack_lrs_lora, "--attack-lrs-lora", float, "compare"),
+            lrs_full=_numbers(args.attack_lrs_full, "--attack-lrs-full", float, "compare", empty=True),
+            lrs_lora=_numbers(args.attack_lrs_lora, "--attack-lrs-lora", float, "compare", empty=True),
             batch_size=args.batch_size,
             seed=args.seed,
+            eval_rows=args.attack_rows,
         )
     try:
         lrs = [[float(x) for x in v.split(",") if x] for v in (args.lrs_full, args.lrs_lora)]

@@ -158,7 +158,7 @@ def test_compare_attacks_every_chosen_model(
     ]
     argv += ["--settings", "multi", "--methods", "PO", "--steps", "1,2", "--batch-size", "8"]
     argv += ["--lrs-full", "1e-3", "--lrs-lora", "1e-2", "--attacks", "--attack-steps", "1,2"]
-    assert main([*argv, "--attack-lrs-full", "1e-2", "--attack-lrs-lora", "1e-1"]) == 0
+    assert main([*argv, "--attack-lrs-full", "1e-2", "--attack-lrs-lora", "", "--attack-rows", "16"]) == 0
     result = json.loads((out / "compare.json").read_text())
     (entry,) = result["settings"].values()
     assert set(entry["methods"]) == {"SAUCE (exported)", "PO (full)", "PO (LoRA)"}
@@ -168,7 +168,8 @@ def test_compare_attacks_every_chosen_model(
         assert names is None or list(found["attacks"]) == names
         names = list(found["attacks"])
         assert found["robust_score"] == min(p["score"] for p in found["attacks"].values())
-    assert "relearn concept LoRA 2" in names and "int4" in names
+    assert "relearn concept full 2" in names and "int4" in names
+    assert not any("LoRA" in n for n in names)  # an empty learning-rate list skips the mode
     assert (out / "compare-relearn.png").stat().st_size > 0
     md = (out / "compare.md").read_text()
     sauce = entry["methods"]["SAUCE (exported)"]["attacks"]

@@ -49,7 +49,8 @@ Score = Callable[[nn.Module], dict[str, Any]]
 @dataclass(frozen=True)
 class AttackConfig:
     """The attacks' budget: every relearning run is scored after each of ``steps`` and the strongest
-    learning rate of the sweep counts (the attacker's best, not a choice made for the method)."""
+    learning rate of the sweep counts (the attacker's best, not a choice made for the method); an
+    empty learning-rate list skips that mode."""
 
     steps: tuple[int, ...] = RELEARN_STEPS
     lrs_full: tuple[float, ...] = (1e-4, 1e-3)
@@ -307,6 +308,8 @@ def attack_model(
         ("unrelated", data.unrelated_train, data.concept_held_back),
     ):
         for lora, lrs in ((False, cfg.lrs_full), (True, cfg.lrs_lora)):
+            if not lrs:  # no relearning in this mode
+                continue
             start = time.perf_counter()
             runs = {
                 lr: relearn(
