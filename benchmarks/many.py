@@ -44,7 +44,7 @@ def concept_order(recipe: Recipe, world: dict[str, Any]) -> list[Concept]:
     """Persons, events and colours taken in turn, the recipe's own concept of each kind first."""
     names = {
         "person": [p["name"] for p in world["persons"]],
-        "event": list(world["events"]),
+        "event": [e["name"] for e in world["events"]],
         "colour": list(world["colours"]),
     }
     for entry in recipe.concepts:
