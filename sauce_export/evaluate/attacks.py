@@ -32,6 +32,7 @@ from torch import nn
 
 from sauce_export.architectures import decoder_layers, spec_for
 from sauce_export.data import Concept, Row
+from sauce_export.errors import InputError
 from sauce_export.evaluate.baselines import BaselineConfig, answer_nll, train_copy
 from sauce_export.evaluate.metrics import correctness, summary_score
 from sauce_export.lm import Batch, LoadedModel, batches, encode_batch
@@ -258,7 +259,8 @@ def attack_data(
     ``eval_forget``: each concept's evaluation forget rows (what the probes read)."""
     first, second = halves(forget)
     if not first or not second:
-        raise ValueError("relearning needs forget questions on at least two images")
+        problem = "relearning needs the removed concepts' train questions on at least two images"
+        raise InputError("data.train", "labels", problem)
     rng = random.Random(cfg.seed)
     pool = rng.sample(list(retain), min(cfg.unrelated_rows, len(retain)))
     steps = max(cfg.steps)
@@ -288,9 +290,9 @@ def attack_model(
     score_context: Score,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every attack on ``model`` (``plain``: its score without one); ``original``: the original model's
-    per-concept metrics on the rows ``score`` reads. Relearning keeps, per (data, full/LoRA, steps), the learning rate that
-    brought most back (lowest score)."""
+    """Every attack on ``model`` (``plain``: its score without one); ``original``: the original
+    model's per-concept metrics on the rows ``score`` reads. Relearning keeps, per (data, full/LoRA,
+    steps), the learning rate that brought most back (the lowest score)."""
     attacks: dict[str, dict[str, Any]] = {}
 
     def timed(name: str, fn: Callable[[], dict[str, Any]]) -> None:
