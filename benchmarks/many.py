@@ -105,8 +105,8 @@ def main() -> int:
             "concepts": [str(c) for c in concepts],
             "latents": sum(e.top_n or 0 for e in entries),
             "fold": patch.description.get("method"),
-            "rank": patch.max_rank,
-            "fits_vllm": patch.max_rank <= args.max_lora_rank,
+            "rank": patch.max_rank(),
+            "fits_vllm": patch.max_rank() <= args.max_lora_rank,
             "sauce": {
                 **{m: mean(scored["concepts"], m) for m in METRICS},
                 "score": scored["score"],
