@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -244,9 +244,8 @@ def step_loss(fit: SubspaceFit, pool: Pool, i: int, cfg: SubspaceConfig) -> torc
     return loss
 
 
-def features_of(selected: Mapping[str, Sequence[int]], latents: int) -> dict[str, list[int]]:
-    """Each concept's ``latents`` best-ranked latents."""
-    return {c: list(f[:latents]) for c, f in selected.items()}
+Checkpoint = Callable[[int, SubspaceFit], bool | None]
+"""Called after a listed step with the patch active; True stops the fit there."""
 
 
 def fit_subspace(
@@ -259,7 +258,7 @@ def fit_subspace(
     cfg: SubspaceConfig,
     progress: bool = True,
     checkpoints: Sequence[int] = (),
-    on_checkpoint: Any = None,
+    on_checkpoint: Checkpoint | None = None,
 ) -> Patch:
     """Fit ``A`` for ``steps`` Adam steps on train ``rows``; returns the patch. ``on_checkpoint(step,
     fit)`` is called, the patch active, after each step listed in ``checkpoints``; True stops the fit
@@ -515,7 +514,7 @@ def fit_for_run(
     cfg: SubspaceConfig,
     method: str,
     checkpoints: Sequence[int] = (),
-    on_checkpoint: Any = None,
+    on_checkpoint: Checkpoint | None = None,
 ) -> Patch:
     """The subspace patch for ``concepts`` from a finished run's SAE and latent ranking (``method``'s
     score, else the first the run ranked), at the latents and lr the run's calibration chose on
