@@ -87,8 +87,12 @@ def gather(obj: T) -> list[T]:
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over the ranks, in place (a CPU tensor goes through gloo as is)."""
-    if active():
+    """Sum ``tensor`` over the ranks, in place (nccl reduces CUDA tensors: a CPU one makes a trip)."""
+    if active() and dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        moved = tensor.cuda()
+        dist.all_reduce(moved)
+        tensor.copy_(moved)
+    elif active():
         dist.all_reduce(tensor)
     return tensor
 

@@ -306,7 +306,8 @@ class Run:
                 check_sae_width(r, store.d_in)
 
                 def train() -> tuple[SAE, Any]:  # DistributedDataParallel under torchrun
-                    return train_sae(own, store.d_in, r.sae.train_config(), progress=self.progress)
+                    cfg = r.sae.train_config()
+                    return train_sae(own, store.d_in, cfg, self.progress, self.placement.device)
 
                 sae, stats = distributed.together(train)
                 sae.cfg.site, sae.cfg.model = expected_site, r.model

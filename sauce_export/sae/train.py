@@ -265,14 +265,20 @@ def _fold_standardisation(sae: SAE, mean: torch.Tensor, scale: float) -> None:
     """Turn an SAE trained on ``(x - mean) / scale`` into one that reads ``x`` (exact: affine)."""
     sae.W_enc.div_(scale)
     sae.W_dec.mul_(scale)
-    sae.b_dec.mul_(scale).add_(mean.to(sae.b_dec.dtype))
+    sae.b_dec.mul_(scale).add_(mean.to(sae.b_dec))
     sae.normalize_decoder()  # all rows have norm `scale`: a uniform rescale keeps the top-k selection
 
 
 def train_sae(
-    data: Data, d_in: int, cfg: TrainConfig | None = None, progress: bool = True
+    data: Data,
+    d_in: int,
+    cfg: TrainConfig | None = None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[SAE, SaeStats]:
-    """Train an SAE on ``data`` (see ``Data``) and return it with its stats on that data."""
+    """Train an SAE on ``data`` (see ``Data``) on ``device`` (batches are moved there as they are
+    drawn; the data stays where it is) and return it, on the CPU, with its stats on that data."""
+    device = torch.device(device)
     cfg = cfg or TrainConfig()
     if cfg.kind not in ("topk", "relu", "jumprelu"):
         raise InputError("train", "kind", f"unknown SAE kind {cfg.kind!r}; use topk, relu or jumprelu")
@@ -291,6 +297,7 @@ def train_sae(
     if cfg.kind == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(_BANDWIDTH)
+    sae.to(device)  # initialised on the CPU: the same seed gives the same SAE on every device
     # Under torchrun each rank reads its own shards in its own order, batch_size / world tokens a
     # step, so a step sees batch_size tokens in all; DDP averages the gradients.
     gen = torch.Generator().manual_seed(cfg.seed + distributed.rank())
@@ -302,14 +309,14 @@ def train_sae(
     )
     objective: nn.Module = _Objective(sae, cfg)
     if distributed.active():
-        objective = DistributedDataParallel(objective)
-    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    mean32 = mean.float()
+        objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+    mean32 = mean.float().to(device)
     counter = bar(total, f"train {cfg.kind} SAE {d_in}x{sae.cfg.d_sae}", progress)
     step = 0
     while step < total:
         for batch in _batches(data, batch_size, gen):
-            x = (batch - mean32) / scale
+            x = (batch.to(device, non_blocking=True) - mean32) / scale
             dead = since_fired >= cfg.dead_after
             loss, fvu, counts = objective(x, dead)
             opt.zero_grad(set_to_none=True)
@@ -336,7 +343,8 @@ def train_sae(
                 break
     counter.close()
     _fold_standardisation(sae, mean, scale)
-    return sae, sae_stats(sae, data)
+    stats = sae_stats(sae, data)
+    return sae.cpu(), stats
 
 
 @torch.no_grad()
@@ -351,12 +359,12 @@ def _remove_parallel_grad(sae: SAE) -> None:
 def sae_stats(sae: SAE, data: Data, chunk: int = 8192) -> SaeStats:
     """FVU, mean L0 and never-firing fraction of ``sae`` on ``data`` (one pass, float64 sums; under
     torchrun on every rank's ``data`` together)."""
-    d_in = sae.cfg.d_in
-    sums = torch.zeros(d_in + 4, dtype=torch.float64)  # s1 | s2 | sse | l0 | n
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int32)
+    d_in, device = sae.cfg.d_in, sae.W_enc.device
+    sums = torch.zeros(d_in + 4, dtype=torch.float64, device=device)  # s1 | s2 | sse | l0 | n
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int32, device=device)
     for shard in _shards(data, d_in):
         for start in range(0, shard.shape[0], chunk):
-            x = shard[start : start + chunk].to(sae.W_enc.dtype)
+            x = shard[start : start + chunk].to(sae.W_enc)  # its dtype, on its device
             f = sae.encode(x)
             active = f != 0
             xd = x.double()
