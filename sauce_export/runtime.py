@@ -30,7 +30,10 @@ class RuntimeConfig:
 
     device: str = field(
         default="auto",
-        metadata={"help": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."},
+        metadata={
+            "help": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Under torchrun each "
+            "rank takes cuda:LOCAL_RANK (gloo on the CPU, nccl on CUDA; docs/distributed.md)."
+        },
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
@@ -43,7 +46,8 @@ class RuntimeConfig:
         default=None,
         metadata={
             "help": "Passed to transformers to spread a model too large for one device over the "
-            "GPUs (and CPU); replaces runtime.device for the model."
+            "GPUs (and CPU); replaces runtime.device for the model. Not under torchrun (each rank "
+            "holds a whole model)."
         },
     )
 
