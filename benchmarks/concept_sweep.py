@@ -27,8 +27,8 @@ from sauce_export.sites import parse_site
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo.yaml"))
-    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="finished run to reuse")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo-tuned.yaml"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo-tuned"), help="finished run to reuse")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--concept", required=True, help="KIND:NAME of one of the recipe's concepts")
     parser.add_argument("--methods", default="saeuron,contrast,specific", help="comma list of scores")

@@ -1,6 +1,6 @@
 """The fold comparison table: every fold of the demo recipe's edit, measured against the hooked edit.
 
-Reuses the demo run's SAE and selection (runs/demo), folds the same edit with each method, and
+Reuses the tuned demo run's SAE and selection (runs/demo-tuned), folds the same edit with each method, and
 measures each folded model (in memory; the exported checkpoint equals it, which verify checks) on
 the held-out evaluation rows: PEBench accuracies next to the hooked reference's, and KL(hooked ||
 folded) on forget and retain prompts, plain and with unrelated context before the question.
@@ -45,8 +45,8 @@ FOLDS: dict[str, dict[str, Any]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo.yaml"))
-    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory to reuse")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo-tuned.yaml"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo-tuned"), help="run directory to reuse")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--fidelity-rows", type=int, default=128)
     args = parser.parse_args()

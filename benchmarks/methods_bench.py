@@ -3,7 +3,7 @@
 Runs `sauce-export compare` for the recipe's first concept alone at one learning rate per baseline
 (the middle of compare's sweep), so every method is measured on the same process, data and budget.
 SAUCE's time is its stages' wall time (collect, SAE training, select, fold, export; the first two
-are reused from runs/demo and counted from their stage records); its memory is the fold + export
+are reused from runs/demo-tuned and counted from their stage records); its memory is the fold + export
 step's peak RSS growth. Writes OUT/methods.json and OUT/methods.md.
 """
 
@@ -22,8 +22,8 @@ from sauce_export.recipe import load_recipe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo.yaml"))
-    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="finished demo run")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo-tuned.yaml"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo-tuned"), help="finished demo run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)

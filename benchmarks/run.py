@@ -1,7 +1,7 @@
 """`make bench`: speed of the hooked reference edit and of the exported checkpoint against the
 original model, as ratios.
 
-Runs the demo recipe's stages (reusing runs/demo when finished), then times, in one process and
+Runs the tuned demo recipe's stages (reusing runs/demo-tuned when finished), then times, in one process and
 interleaved, teacher-forced scoring and greedy generation of the original, hooked and exported
 models. Writes OUT/bench.json and OUT/bench.md. Figures are ratios measured in one run on this
 machine; the export benchmark (1B-shaped checkpoint) is ``benchmarks/export_bench.py``.
@@ -33,8 +33,8 @@ def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo.yaml"))
-    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory to reuse")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/demo-tuned.yaml"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo-tuned"), help="run directory to reuse")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)

@@ -63,6 +63,7 @@ def test_demo_recipe_removes_a_colour_from_the_shipped_model(tmp_path: Path, dty
     build_world(world, WorldConfig(seed=0, train_images=300, eval_images=160), progress=False)
     recipe = yaml.safe_load((MODELS.parent / "recipes" / "demo.yaml").read_text())
     recipe.update(
+        edit={"method": "clamp"},  # the clamp, calibrated on the carve-out (the demo uses subspace)
         model=str(MODELS / "world-llava"),
         concepts=[{"kind": "colour", "name": "red"}],
         data={"train": str(world / "train.jsonl"), "eval": str(world / "eval.jsonl")},
