@@ -564,7 +564,7 @@ class Run:
                 )
             return {
                 "choices": choices(found["latents"], True),
-                "subspace": {k: found[k] for k in ("latents", "lr", "steps", "score")},
+                "subspace": {k: found[k] for k in ("latents", "lr", "steps", "kl_weight", "score")},
                 "table": found["table"],
                 "evaluations": found["fits"],
                 "rows_scored": found["rows_scored"],
@@ -630,7 +630,8 @@ class Run:
             if self.method == "subspace":
                 site = str(parse_site(r.site, r.path))
                 chosen = self.calibrate().get("subspace", {})
-                cfg = replace(r.subspace, **{k: chosen[k] for k in ("lr", "steps") if k in chosen})
+                keys = ("lr", "steps", "kl_weight")
+                cfg = replace(r.subspace, **{k: chosen[k] for k in keys if k in chosen})
                 patch = fit_subspace(
                     self.lm, self.sae(), site, self.selected(), rows, self.concepts, cfg, self.progress
                 )

@@ -143,7 +143,9 @@ def calibration_summary(report: dict[str, Any]) -> str:
     )
     sub = cal.get("subspace")
     if sub:
-        picked += f"; subspace patch: lr {sub['lr']:g}, {sub['steps']} steps"
+        picked += (
+            f"; subspace patch: lr {sub['lr']:g}, {sub['steps']} steps, kl_weight {sub.get('kl_weight', '-')}"
+        )
     return (
         f"Chosen: {picked}. Searched on {where}; the evaluation rows were not read before verify. "
         f"Cost: {cal['evaluations']} {'subspace fits' if sub else 'hooked evaluations'}, {cal['rows_scored']} rows, {cal['seconds']} s. "

@@ -113,6 +113,13 @@ class SubspaceConfig:
         default_factory=lambda: [4, 8, 16], metadata={"help": "search: latents per concept tried."}
     )
     lrs: list[float] = field(default_factory=lambda: [0.03, 0.1], metadata={"help": "search: lrs tried."})
+    kl_weights: list[float] = field(
+        default_factory=lambda: [10.0, 100.0],
+        metadata={
+            "help": "search: kl_weight values, in order; the next is tried only when no point passed "
+            "with the ones before (a fresh text model needed 100 to keep the other persons' facts)."
+        },
+    )
     step_grid: list[int] = field(
         default_factory=lambda: [50, 100, 200],
         metadata={
@@ -340,6 +347,9 @@ class Scorer:
     table: list[dict[str, Any]] = field(default_factory=list)
     rows_scored: int = 0
 
+    kl_weight: float | None = None
+    """The weight of the fits being scored (shown in the table once the search tries several)."""
+
     def __call__(self, model: nn.Module, n: int, lr: float, steps: int) -> tuple[float, bool]:
         """(mean summary score, every concept meets its limits) of the model as it runs now."""
         v, scores, passed = self.validation, [], True
@@ -354,7 +364,7 @@ class Scorer:
             why = v.failures(c, m)
             scores.append(summary_score(m, v.original[c]))
             passed = passed and not why
-            self.table.append(_entry(c, n, lr, steps, m, scores[-1], why))
+            self.table.append(_entry(c, n, lr, steps, m, scores[-1], why, self.kl_weight))
         return sum(scores) / max(len(scores), 1), passed
 
 
@@ -377,46 +387,57 @@ def search(
     passing one before it; the latent counts stop at the first perfect score. Raises CalibrationFailed with the table when no point passes."""
     start = time.time()
     scorer = Scorer(validation, [str(c) for c in concepts])
-    passing: list[tuple[float, int, int, float]] = []
-    tried: set[tuple[tuple[int, ...], ...]] = set()
+    passing: list[tuple[float, int, int, float, float]] = []
     fits = 0
-    for n in sorted(set(cfg.latents_grid)):
-        if passing and max(p[0] for p in passing) >= 1.0:
-            break  # a perfect score: more latents could only tie, and ties go to fewer
-        selected = {c: list(ranked[c][: own.get(c) or n]) for c in scorer.names}
-        key = tuple(tuple(f) for f in selected.values())
-        if key in tried:
-            continue  # fewer ranked latents than n: the same patch as a smaller n
-        tried.add(key)
-        for lr in cfg.lrs:
-            best = [-1.0]
+    weights = list(dict.fromkeys(cfg.kl_weights or [cfg.kl_weight]))
+    for kl_weight in weights:
+        if passing:
+            break  # a larger weight only trades forgetting for retain that already passes
+        scorer.kl_weight = kl_weight if len(weights) > 1 else None
+        tried: set[tuple[tuple[int, ...], ...]] = set()
+        for n in sorted(set(cfg.latents_grid)):
+            if passing and max(p[0] for p in passing) >= 1.0:
+                break  # a perfect score: more latents could only tie, and ties go to fewer
+            selected = {c: list(ranked[c][: own.get(c) or n]) for c in scorer.names}
+            key = tuple(tuple(f) for f in selected.values())
+            if key in tried:
+                continue  # fewer ranked latents than n: the same patch as a smaller n
+            tried.add(key)
+            for lr in cfg.lrs:
+                best = [-1.0]
 
-            def checkpoint(
-                step: int, fit: SubspaceFit, n: int = n, lr: float = lr, best: list = best
-            ) -> bool:
-                score, passed = scorer(fit.model, n, lr, step)
-                if passed:
-                    passing.append((score, n, step, lr))
-                stop = best[0] >= 0 and score <= best[0]  # no better than a passing checkpoint
-                best[0] = max(best[0], score) if passed else best[0]
-                return stop
+                def checkpoint(
+                    step: int,
+                    fit: SubspaceFit,
+                    n: int = n,
+                    lr: float = lr,
+                    best: list = best,
+                    kl_weight: float = kl_weight,
+                ) -> bool:
+                    score, passed = scorer(fit.model, n, lr, step)
+                    if passed:
+                        passing.append((score, n, step, lr, kl_weight))
+                    stop = best[0] >= 0 and score <= best[0]  # no better than a passing checkpoint
+                    best[0] = max(best[0], score) if passed else best[0]
+                    return stop
 
-            steps = sorted(set(cfg.step_grid))
-            run_cfg = replace(cfg, lr=lr, steps=steps[-1])
-            fit_subspace(lm, sae, site, selected, rows, concepts, run_cfg, progress, steps, checkpoint)
-            fits += 1
+                steps = sorted(set(cfg.step_grid))
+                run_cfg = replace(cfg, lr=lr, steps=steps[-1], kl_weight=kl_weight)
+                fit_subspace(lm, sae, site, selected, rows, concepts, run_cfg, progress, steps, checkpoint)
+                fits += 1
     cost = {"fits": fits, "rows_scored": scorer.rows_scored, "seconds": round(time.time() - start, 1)}
     if not passing:
         raise CalibrationFailed("no subspace point meets every concept's limits on validation", scorer.table)
-    score, n, steps, lr = max(passing, key=lambda p: (p[0], -p[1], -p[2]))
+    score, n, steps, lr, kl_weight = max(passing, key=lambda p: (p[0], -p[1], -p[2]))
     for e in scorer.table:
-        if (e["top_n"], e["lr"], e["steps"]) == (n, lr, steps):
+        if (e["top_n"], e["lr"], e["steps"], e["kl_weight"]) == (n, lr, steps, kl_weight):
             e.update(chosen=True, why="chosen: best mean score meeting every limit")
     selected = {c: list(ranked[c][: own.get(c) or n]) for c in scorer.names}
     return {
         "latents": n,
         "lr": lr,
         "steps": steps,
+        "kl_weight": kl_weight,
         "score": round(score, 4),
         "selected": selected,
         "table": scorer.table,
@@ -425,18 +446,27 @@ def search(
 
 
 def _entry(
-    concept: str, n: int, lr: float, steps: int, m: Mapping[str, float | None], score: float, why: list[str]
+    concept: str,
+    n: int,
+    lr: float,
+    steps: int,
+    m: Mapping[str, float | None],
+    score: float,
+    why: list[str],
+    kl_weight: float | None = None,
 ) -> dict[str, Any]:
     """One calibration-table row (the clamp search's columns; the clamp is none, size = latents)."""
+    kl = "" if kl_weight is None else f" kl {kl_weight:g}"
     return {
         "concept": concept,
-        "phase": f"subspace lr {lr:g} steps {steps}",
+        "phase": f"subspace lr {lr:g} steps {steps}{kl}",
         "method": "subspace",
         "top_n": n,
         "clamp": None,
         "size": n,
         "lr": lr,
         "steps": steps,
+        "kl_weight": kl_weight,
         **{k: m.get(k) for k in ("forget_acc", "retain_acc", "interference_acc")},
         "score": round(score, 4),
         "passed": not why,
@@ -525,9 +555,10 @@ def fit_for_run(
     report = json.loads((run_dir / "report.json").read_text())
     chosen = (report.get("calibration") or {}).get("subspace") or {}
     n, lr = chosen.get("latents", cfg.latents), chosen.get("lr", cfg.lr)
+    kl_weight = chosen.get("kl_weight", cfg.kl_weight)
     selected = {}
     for c in concepts:
         lists = ranked[str(c)]
         selected[str(c)] = list(lists.get(method) or next(iter(lists.values())))[:n]
-    run_cfg = replace(cfg, lr=lr)
+    run_cfg = replace(cfg, lr=lr, kl_weight=kl_weight)
     return fit_subspace(lm, sae, site, selected, rows, concepts, run_cfg, False, checkpoints, on_checkpoint)
