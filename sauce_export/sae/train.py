@@ -244,10 +244,14 @@ def _auxk_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tenso
         return pre.new_zeros(())
     k_aux = err.shape[-1] // 2
     scale = min(num_dead / k_aux, 1.0)
-    dead_idx = dead.nonzero().squeeze(1)  # top-k over the dead columns only, not all d_sae of them
-    vals, pick = pre[:, dead_idx].topk(min(k_aux, num_dead), dim=-1, sorted=False)
-    vals, idx = vals.relu(), dead_idx[pick]
-    e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    # Over the dead columns only: each token's k_aux largest (all of them when fewer are dead),
+    # decoded by a dense product with the dead rows of W_dec (dead latents are a minority).
+    dead_idx = dead.nonzero().squeeze(1)
+    sub = pre[:, dead_idx]
+    if num_dead > k_aux:
+        vals, pick = sub.topk(k_aux, dim=-1, sorted=False)
+        sub = torch.zeros_like(sub).scatter(-1, pick, vals)
+    e_hat = sub.relu() @ sae.W_dec[dead_idx]
     return scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
 
