@@ -156,3 +156,38 @@ def test_clamps_between_grid_points() -> None:
     assert clamps_between(-30.0, -60.0, 5.0) == [-35.0, -40.0, -45.0, -50.0, -55.0, -60.0]
     assert clamps_between(0.0, -10.0, 4.0) == [-4.0, -8.0, -10.0]
     assert clamps_between(-30.0, -60.0, 0.0) == [-60.0]  # no refinement
+
+
+def test_fold_check_rejects_a_fold_that_strays_from_the_hooked_edit(tmp_path: Path) -> None:
+    """On the shipped world VLM: a patch equal to the hooked edit passes the fold check, one that
+    breaks the site layer fails it on the retain rows (where the concept's limits alone would pass)."""
+    from sauce_export.calibrate import EditSettings, FoldCheck, Point, Search, Validation
+    from sauce_export.data import Concept
+    from sauce_export.lm import load_model
+    from sauce_export.patch import Patch, WeightDelta
+    from sauce_export.sae.model import SAE, SaeConfig
+    from sauce_export.world.generate import WorldConfig, build_world
+
+    world = tmp_path / "world"
+    build_world(
+        world, WorldConfig(seed=0, train_images=8, eval_images=8, validation_images=48), progress=False
+    )
+    lm = load_model(str(Path(__file__).resolve().parents[1] / "models" / "world-llava"))
+    sae = SAE(SaeConfig(d_in=128, d_sae=256, kind="topk", k=8, site="layers.2"))
+    sae.reset_parameters(seed=0)
+    # multiplier 1: every latent keeps its value, so the hooked edit is the original model, bit for bit
+    settings = EditSettings(sae, "layers.2", 1.0, True, "all", lm.image_token_id)
+    search = Search(["specific"], [1], [0.0], 5.0, 3, 3, 3, 0.0, 0.0, 1.0, 0.5, 256, 64, 0)
+    red = Concept("colour", "red")
+    v = Validation(lm, settings, read_rows(world / "validation.jsonl"), [red], search, progress=False)
+    points = {str(red): Point("specific", 1, 0.0, (0,))}
+    assert v.original[str(red)]["retain_acc"] >= 0.9 and not v.check(points, [str(red)])[0]
+    check = FoldCheck(lambda edit: Patch(()), forget_slack=0.03, keep_slack=0.01)
+    assert v.check_fold(points, [str(red)], Patch(()), check)[0] == []
+    down = "model.language_model.layers.2.mlp.down_proj"
+    gen = torch.Generator().manual_seed(0)
+    broken = Patch(
+        (WeightDelta(down, torch.randn(128, 4, generator=gen), torch.randn(4, 384, generator=gen)),)
+    )
+    fails, _ = v.check_fold(points, [str(red)], broken, check)
+    assert any("folded retain" in f for f in fails), fails
