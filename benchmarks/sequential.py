@@ -4,7 +4,7 @@ checkpoint removes another concept, and the first request's concepts must stay r
 Takes a finished first run (``--first``, of RECIPE), writes the second request's recipe - RECIPE with
 the first run's exported checkpoint as its model and ``--concept`` as its only concept, with the
 given per-concept settings (default: the demo person's, chosen for another person, so nothing is
-tuned on this one) - runs it, then scores the original model, the first export and the second export
+tuned on this one; ``--calibrate``: none, the run chooses them on validation rows) - runs it, then scores the original model, the first export and the second export
 on every concept of both requests (compare's evaluation rows and summary score). Writes
 OUT/sequential.json and OUT/sequential.md.
 
@@ -87,12 +87,15 @@ def main() -> int:
     parser.add_argument("--method", default="contrast")
     parser.add_argument("--top-n", type=int, default=2)
     parser.add_argument("--clamp", type=float, default=-30.0)
+    parser.add_argument(
+        "--calibrate", action="store_true", help="no per-concept settings: the run chooses them on validation"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     kind, _, name = args.concept.partition(":")
     concept = Concept(kind, name)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {"method": args.method, "top_n": args.top_n, "clamp": args.clamp}
+    settings = {} if args.calibrate else {"method": args.method, "top_n": args.top_n, "clamp": args.clamp}
     recipe2 = second_recipe(args.recipe, args.first, concept, settings, args.out)
     start = time.perf_counter()
     code = cli(["--quiet", "run", str(recipe2), "--out", str(args.out / "run")])
@@ -101,8 +104,10 @@ def main() -> int:
     models = {
         "original": "",
         "first export": json.loads((args.first / "report.json").read_text())["export"]["path"],
-        "second export": json.loads((args.out / "run" / "report.json").read_text())["export"]["path"],
     }
+    second = args.out / "run" / "report.json"
+    if second.is_file():  # absent when the second run stopped before exporting (calibration failed)
+        models["second export"] = json.loads(second.read_text())["export"]["path"]
     result = {
         "first": str(args.first),
         "first_concepts": [str(c) for c in first_concepts],
