@@ -237,7 +237,8 @@ def subspace_row(recipe: Path, out: Path) -> dict[str, Any]:
     patch = sub.patch()
     m = evaluate(sub.lm, sel, 64, lambda: patch.apply(sub.lm.model))
     chance = chance_accuracy(rows, concept.kind)
-    best = {"method": "subspace", "top_n": sub.recipe.subspace.latents, "clamp": None, **m}
+    latents = sub.calibrate().get("subspace", {}).get("latents", sub.recipe.subspace.latents)
+    best = {"method": "subspace", "top_n": latents, "clamp": None, **m}
     best["passes"] = passes(m, orig, chance)
     return {
         "technique": "subspace",
@@ -260,7 +261,9 @@ def markdown(model: str, rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         b, o = r["best"], r["original"]
         cell = {k: "-" if b[k] is None else f"{b[k]:.3f} ({o[k]:.2f})" for k in PARTS}
-        point = b["method"] if b["clamp"] is None else f"{b['method']} {b['top_n']} @ {b['clamp']:g}"
+        point = (
+            f"{b['top_n']} latents" if b["clamp"] is None else f"{b['method']} {b['top_n']} @ {b['clamp']:g}"
+        )
         lines.append(
             f"| {r['technique']} | {point} | {cell['forget_acc']} | {cell['retain_acc']} | "
             f"{cell['interference_acc']} | {r['passing']}/{r['points']} | {r['seconds']} |"
