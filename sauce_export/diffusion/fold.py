@@ -37,21 +37,22 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @contextmanager
-def block_io(unet: nn.Module, site: str) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """(input hidden states, encoder hidden states, output) of every call of the site's block; hooks
-    registered before this context (the edit) have already changed the output it records."""
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    block = site_module(unet, site)
+def unet_io(unet: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """(sample, timestep per row, encoder states, output) of every UNet call; hooks registered
+    before this context (the edit) have already shaped the output it records."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        pending.append((args[0].detach(), kwargs["encoder_hidden_states"].detach()))
+        x = args[0]
+        t = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).expand(x.shape[0])
+        pending.append((x.detach(), t.detach(), kwargs["encoder_hidden_states"].detach()))
 
     def post(_m: nn.Module, _i: object, output: object) -> None:
-        h = output[0] if isinstance(output, tuple) else output.sample  # type: ignore[attr-defined,index]
-        seen.append((*pending.pop(), h.detach()))
+        out = output[0] if isinstance(output, tuple) else output.sample  # type: ignore[attr-defined,index]
+        seen.append((*pending.pop(), out.detach()))
 
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
+    handles = [unet.register_forward_pre_hook(pre, with_kwargs=True), unet.register_forward_hook(post)]
     try:
         yield seen
     finally:
@@ -60,14 +61,23 @@ def block_io(unet: nn.Module, site: str) -> Iterator[list[tuple[torch.Tensor, to
 
 
 class _Lora(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, gen: torch.Generator) -> None:
+    """``base(x) + out_scale * B (A x / in_scale)``: A and B are fitted at unit scale, so Adam's
+    step size suits a block whose activations are in the thousands (this UNet's are)."""
+
+    def __init__(
+        self, base: nn.Linear, rank: int, in_scale: float, out_scale: float, gen: torch.Generator
+    ) -> None:
         super().__init__()
-        self.base = base
+        self.base, self.in_scale, self.out_scale = base, in_scale, out_scale
         self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=gen) / base.in_features**0.5)
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.T) @ self.B.T
+        return self.base(x) + self.out_scale * ((x / self.in_scale) @ self.A.T) @ self.B.T
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the merged form ``W + B @ A``."""
+        return (self.A / self.in_scale).detach().clone(), (self.out_scale * self.B).detach().clone()
 
 
 def linear_module(block: nn.Module, rel: str, where: str) -> nn.Linear:
@@ -83,7 +93,7 @@ def linear_module(block: nn.Module, rel: str, where: str) -> nn.Linear:
 def fit_patch(
     unet: nn.Module,
     site: str,
-    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     modules: list[str],
     rank: int,
     steps: int,
@@ -92,54 +102,69 @@ def fit_patch(
     where: str = "recipe",
     progress: bool = True,
 ) -> tuple[Patch, dict[str, float]]:
-    """Adam on the LoRA factors of ``modules`` (relative to the site) so the block reproduces the
-    hooked outputs in ``samples``; returns the patch and the held-out relative error (the share of
-    the edit's squared change it misses, and the patched block's change where the edit made none)."""
+    """Adam on the LoRA factors of ``modules`` (relative to the site) so the patched UNet's output
+    matches the hooked UNet's on ``samples`` (inputs of hooked trajectories, every timestep).
+
+    The UNet's output, not the block's: the block's activations are in the thousands and most of
+    the edit's change there is normalised away downstream, so a block-level fit spends its capacity
+    on directions that do not matter and leaks into ones that do. Returns the patch and, on a
+    held-out tenth, the share of the edit's squared effect on the output the patch misses."""
     gen = torch.Generator().manual_seed(seed)
-    block = copy.deepcopy(site_module(unet, site)).float().requires_grad_(False)
-    loras = {}
-    for rel in modules:
-        parent, _, name = rel.rpartition(".")
-        lora = _Lora(linear_module(block, rel, where), rank, gen)
-        setattr(block.get_submodule(parent) if parent else block, name, lora)
-        loras[rel] = lora
-    x = torch.cat([s[0] for s in samples])
-    e = torch.cat([s[1] for s in samples])
-    y = torch.cat([s[2] for s in samples])
+    model = copy.deepcopy(unet).float().requires_grad_(False)
+    block = site_module(model, site, where)
+    x, t, e, y = (torch.cat([s[i] for s in samples]) for i in range(4))
+    channels = x.shape[1]
+    y = y[:, :channels]
     order = torch.randperm(len(x), generator=gen)
     n_val = max(1, len(x) // 10)
     val, train = order[:n_val], order[n_val:]
+    bases = {rel: linear_module(block, rel, where) for rel in modules}
+    rms: dict[str, tuple[float, float]] = {}
+
+    def measure(rel: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            rms.setdefault(rel, (float(args[0].pow(2).mean().sqrt()), float(out.pow(2).mean().sqrt())))
+
+        return hook
+
+    handles = [m.register_forward_hook(measure(rel)) for rel, m in bases.items()]
     with torch.no_grad():
-        base_val = block(x[val], encoder_hidden_states=e[val], return_dict=False)[0]
+        base_val = model(x[val], t[val], encoder_hidden_states=e[val]).sample[:, :channels]
+    for h in handles:
+        h.remove()
+    effect = float((y[val] - base_val).pow(2).mean().sqrt()) or 1.0
+    loras = {}
+    for rel, base in bases.items():
+        parent, _, name = rel.rpartition(".")
+        lora = _Lora(base, rank, rms[rel][0] or 1.0, rms[rel][1] or 1.0, gen)
+        setattr(block.get_submodule(parent) if parent else block, name, lora)
+        loras[rel] = lora
     params = [p for lo in loras.values() for p in (lo.A, lo.B)]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    batch = min(128, len(train))
+    batch = min(64, len(train))
     with bar(steps, "fit LoRA fold", progress) as counter:
         for step in range(steps):
             idx = train[torch.randint(len(train), (batch,), generator=gen)]
-            out = block(x[idx], encoder_hidden_states=e[idx], return_dict=False)[0]
-            loss = (out - y[idx]).pow(2).mean()
+            out = model(x[idx], t[idx], encoder_hidden_states=e[idx]).sample[:, :channels]
+            loss = (out - y[idx]).pow(2).mean() / effect**2
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             counter.update()
             if step % 20 == 0:
-                counter.set_postfix(loss=f"{loss.item():.2e}")
+                counter.set_postfix(loss=f"{loss.item():.3f}")
     with torch.no_grad():
-        out = block(x[val], encoder_hidden_states=e[val], return_dict=False)[0]
-        edit = (y[val] - base_val).pow(2).sum(1)  # per position: the edit's squared change
-        miss = (out - y[val]).pow(2).sum(1)
-        touched = edit > 1e-10
+        out = model(x[val], t[val], encoder_hidden_states=e[val]).sample[:, :channels]
     stats = {
-        "missed_share": float(miss[touched].sum() / edit[touched].sum()) if touched.any() else 0.0,
-        "leak_rms_untouched": float(miss[~touched].mean().sqrt()) if (~touched).any() else 0.0,
-        "edit_rms_touched": float(edit[touched].mean().sqrt()) if touched.any() else 0.0,
+        "missed_share": float(
+            (out - y[val]).pow(2).sum() / (base_val - y[val]).pow(2).sum().clamp_min(1e-20)
+        ),
+        "edit_rms_on_output": effect,
         "samples": len(x),
-        "touched_share": float(touched.float().mean()),
     }
-    patch = {f"{site}.{rel}": (lo.A.detach().clone(), lo.B.detach().clone()) for rel, lo in loras.items()}
+    patch = {f"{site}.{rel}": lo.factors() for rel, lo in loras.items()}
     return patch, stats
 
 

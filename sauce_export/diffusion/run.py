@@ -318,7 +318,7 @@ class DiffusionRun:
                 for i in sorted(random.Random(1).sample(range(len(rows)), min(r.fold.rows, len(rows))))
             ]
             bs = r.sampling.batch_size
-            with edit.applied(self.pipe.unet, r.site), F.block_io(self.pipe.unet, r.site) as seen:
+            with edit.applied(self.pipe.unet, r.site), F.unet_io(self.pipe.unet) as seen:
                 for i in track(range(0, len(rows), bs), "fold calibration", self.progress):
                     chunk = rows[i : i + bs]
                     sample(self.pipe, [x.prompt for x in chunk], [x.seed for x in chunk], self.sampling)
