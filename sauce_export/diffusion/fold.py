@@ -60,6 +60,22 @@ def unet_io(unet: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, 
             h.remove()
 
 
+class Labeller(nn.Module):
+    """Steps with the folded UNet and records, at each state it visits, the hooked UNet's output
+    there: a refit on these pairs teaches the patch the states its own errors lead to."""
+
+    def __init__(self, folded: nn.Module, hooked: nn.Module) -> None:
+        super().__init__()
+        self.folded, self.hooked = folded, hooked
+        self.samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> object:
+        with torch.no_grad():
+            ref = self.hooked(x, t, encoder_hidden_states=encoder_hidden_states).sample
+        self.samples.append((x, torch.as_tensor(t).expand(x.shape[0]), encoder_hidden_states, ref))
+        return self.folded(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
 class _Lora(nn.Module):
     """``base(x) + out_scale * B (A x / in_scale)``: A and B are fitted at unit scale, so Adam's
     step size suits a block whose activations are in the thousands (this UNet's are)."""

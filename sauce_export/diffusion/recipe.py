@@ -64,6 +64,11 @@ class FoldSection:
     steps: int = _f(400, "Adam steps fitting the patch to the hooked block outputs.", min=1)
     lr: float = _f(3e-3, "Adam learning rate of the fit.", above=0)
     rows: int = _f(96, "Training rows whose hooked trajectories (every timestep) calibrate the fit.", min=1)
+    refits: int = _f(
+        0,
+        "Refits on the states the folded UNet itself visits, labelled by the hooked UNet (DAgger-style).",
+        min=0,
+    )
 
 
 @dataclass

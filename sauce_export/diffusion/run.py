@@ -322,17 +322,23 @@ class DiffusionRun:
                 for i in track(range(0, len(rows), bs), "fold calibration", self.progress):
                     chunk = rows[i : i + bs]
                     sample(self.pipe, [x.prompt for x in chunk], [x.seed for x in chunk], self.sampling)
-            patch, stats = F.fit_patch(
-                self.pipe.unet,
-                r.site,
-                seen,
-                r.fold.modules,
-                r.fold.rank,
-                r.fold.steps,
-                r.fold.lr,
-                where=r.path,
-                progress=self.progress,
+            fit = dict(
+                modules=r.fold.modules, rank=r.fold.rank, steps=r.fold.steps, lr=r.fold.lr, where=r.path
             )
+            patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
+            for _ in range(r.fold.refits):
+                labeller = F.Labeller(F.merged(self.pipe.unet, patch), self.pipe.unet)
+                with edit.applied(self.pipe.unet, r.site):
+                    for i in track(range(0, len(rows), bs), "fold refit states", self.progress):
+                        chunk = rows[i : i + bs]
+                        sample(
+                            self.with_unet(labeller),
+                            [x.prompt for x in chunk],
+                            [x.seed for x in chunk],
+                            self.sampling,
+                        )
+                seen = seen + labeller.samples
+                patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
             F.save_patch(patch, directory / "patch.safetensors", {"choice": cal["choice"], **stats})
             val = self.rows("validation")
             hooked = self.generate(val, "hooked validation", edit)
