@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -520,6 +521,15 @@ def run_command(args: Any) -> int:
         return 0
     run = DiffusionRun(recipe, args.out, not args.quiet)
     run.concepts()  # an unknown concept fails before any model loads
+    try:
+        return _run_stages(run, args)
+    except CalibrationFailed as err:  # its table is this module's, not the language calibrate's
+        print("\n".join(json.dumps(row) for row in err.table))
+        print(f"sauce-export: calibration failed: {err}", file=sys.stderr)
+        return 1
+
+
+def _run_stages(run: DiffusionRun, args: Any) -> int:
     stages: dict[str, Callable[[], Any]] = {
         "collect": run.collect,
         "train-sae": run.sae,
