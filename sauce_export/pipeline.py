@@ -447,8 +447,7 @@ class Run:
 
         def body(directory: Path) -> dict[str, Any]:
             if not searched:
-                choices = {c: {**p.to_dict(), "calibrated": False} for c, p in fixed.items()}
-                return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
+                return _unsearched({c: {**p.to_dict(), "calibrated": False} for c, p in fixed.items()})
             rows = self.validation_rows
             validation = self._validation()
             check = None
@@ -529,13 +528,7 @@ class Run:
             return out
 
         if not r.subspace.search:
-            return {
-                "choices": choices(r.subspace.latents, False),
-                "table": [],
-                "evaluations": 0,
-                "rows_scored": 0,
-                "seconds": 0.0,
-            }
+            return _unsearched(choices(r.subspace.latents, False))
         key = {
             "select": lists,
             "own": own,
@@ -798,6 +791,11 @@ class Run:
 REFERENCE = {"clamp": "hooked", "subspace": "folded"}
 """The variant every other is measured against: the hooked clamp, or the subspace patch itself
 (fitted to the objective, not to the clamp; the hooked clamp is then reported for contrast)."""
+
+
+def _unsearched(choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A calibration result for choices the recipe fixed: no search table, no cost."""
+    return {"choices": choices, "table": [], "evaluations": 0, "rows_scored": 0, "seconds": 0.0}
 
 
 def _edit_key(edit: Edit) -> dict[str, Any]:
