@@ -83,6 +83,7 @@ class Run:
         self._ranked: dict[str, dict[str, list[int]]] | None = None
         self._choices: dict[str, dict[str, Any]] | None = None
         self._method: str | None = None
+        self._validation_set: Validation | None = None  # shared by the clamp and subspace searches
         self._placement: Placement | None = None
         self._split: tuple[list[Row], list[Row]] | None = None
         self._reported: set[str] = set()
@@ -401,6 +402,12 @@ class Run:
 
         ``edit.method: auto`` searches the clamp first and, when no clamp point passes on
         validation, the subspace patch (docs/selectivity.md: on text persons no clamp passes)."""
+        try:
+            return self._calibrate()
+        finally:
+            self._validation_set = None  # its encoded rows and replay states are not needed after
+
+    def _calibrate(self) -> dict[str, Any]:
         r = self.recipe
         ranked = self.select()
         if r.edit.method == "subspace":
@@ -482,7 +489,13 @@ class Run:
 
     def _validation(self) -> Validation:
         """The validation rows of every concept, encoded once, with the calibrate.* margins under the
-        verify gates (the clamp search and the subspace search score on the same sets)."""
+        verify gates (the clamp search and the subspace search score on the same sets: under
+        ``auto`` the subspace search reuses the clamp search's, built once per calibrate)."""
+        if self._validation_set is None:
+            self._validation_set = self._new_validation()
+        return self._validation_set
+
+    def _new_validation(self) -> Validation:
         r = self.recipe
         cal, gates = r.calibrate, r.verify
         search = Search(
