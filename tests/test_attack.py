@@ -11,7 +11,16 @@ import torch
 from sauce_export.cli import main
 from sauce_export.compare import README_BEGIN, README_END
 from sauce_export.data import Concept, read_rows
-from sauce_export.evaluate.attacks import Probes, fake_quantize, halves, quantized, relearn, relearn_batches
+from sauce_export.evaluate.attacks import (
+    AttackConfig,
+    Probes,
+    attack_data,
+    fake_quantize,
+    halves,
+    quantized,
+    relearn,
+    relearn_batches,
+)
 from sauce_export.evaluate.baselines import answer_nll, forget_retain_rows
 from sauce_export.evaluate.metrics import summary_score
 from sauce_export.lm import load_model
@@ -44,6 +53,25 @@ def test_halves_split_whole_images(tiny_world: Path) -> None:
     assert not {r.image for r in first} & {r.image for r in second}
     assert abs(len({r.image for r in first}) - len({r.image for r in second})) <= 1
     assert halves(list(reversed(forget))) == (list(reversed(first)), list(reversed(second)))
+
+
+def test_attack_data_scores_a_seeded_sample_of_the_other_half(tiny_world: Path, tiny_llava_dir: Path) -> None:
+    """Relearning is measured on at most ``held_back_rows`` of the half it never trains on, the same
+    rows for a given seed, and the unrelated pool does not depend on that sample's size."""
+    lm = load_model(str(tiny_llava_dir))
+    person = json.loads((tiny_world / "world.json").read_text())["persons"][0]["name"]
+    forget, retain = forget_retain_rows(read_rows(tiny_world / "train.jsonl"), [Concept("person", person)])
+    second = {r.id for r in halves(forget)[1]}
+    assert len(second) > 2
+
+    def built(held: int) -> tuple[list[str], list[str]]:
+        data = attack_data(lm, forget, retain, [], {}, AttackConfig(steps=(1,), held_back_rows=held), 4)
+        ids = [r.id for b in data.concept_held_back for r in b.rows]
+        return ids, [r.id for b in data.unrelated_train for r in b.rows]
+
+    (few, pool), (again, _), (every, same_pool) = built(2), built(2), built(10**6)
+    assert len(few) == 2 and set(few) < second and few == again
+    assert sorted(every) == sorted(second) and pool == same_pool
 
 
 def test_probes_read_labels_from_separable_states() -> None:
