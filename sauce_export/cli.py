@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train/validation/eval files (docs/generalize.md); diffusion: prompts and noise seeds of the "
         "16x16 object/style world (docs/diffusion.md; only --seed applies)",
     )
+    build.add_argument(
+        "--scale",
+        choices=("demo", "large"),
+        default="demo",
+        help="with --kind text: demo = the shipped model's facts; large = the PEBench-scale fact world "
+        "of models/world-llama-large (80 persons x 6 attributes, 32 festivals, multi-hop questions; "
+        "docs/large-world.md)",
+    )
     add_dataclass_args(build, WorldConfig)
     train = world_sub.add_parser(
         "train", help="train the demo VLM and text model on a built world (CPU, minutes)"
@@ -95,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--out", type=Path, default=Path("models"), help="writes OUT/world-llava and OUT/world-llama"
+    )
+    train.add_argument(
+        "--kind",
+        choices=("vlm", "text"),
+        default="vlm",
+        help="vlm: both demo models; text: one text-only Llama on the world's train.jsonl, written to "
+        "OUT itself (docs/large-world.md)",
     )
     add_dataclass_args(train, WorldTrainConfig)
     train_diffusion = world_sub.add_parser(
@@ -482,9 +497,12 @@ def _world(args: argparse.Namespace) -> int:
     from sauce_export.world.train import WorldTrainConfig, train_world_models
 
     if args.world_command == "build" and args.kind == "text":
-        from sauce_export.world.facts import build_text_world
+        from sauce_export.world.facts import FactWorldConfig, build_fact_world, build_text_world
 
-        files = build_text_world(args.out, args.seed)
+        if args.scale == "large":
+            files = build_fact_world(args.out, FactWorldConfig.large(args.seed))
+        else:
+            files = build_text_world(args.out, args.seed)
         print(json.dumps({k: str(v) for k, v in files.items()}))
         return 0
     if args.world_command == "build" and args.kind == "diffusion":
@@ -507,7 +525,12 @@ def _world(args: argparse.Namespace) -> int:
         raise InputError(
             str(args.world), "world", "no train.jsonl here: run `sauce-export world build` first"
         )
-    report = train_world_models(args.world, args.out, from_args(WorldTrainConfig, args))
+    if args.kind == "text":
+        from sauce_export.world.train import train_text_model
+
+        report = train_text_model(args.world, args.out, from_args(WorldTrainConfig, args))
+    else:
+        report = train_world_models(args.world, args.out, from_args(WorldTrainConfig, args))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     return 0
 

@@ -33,6 +33,9 @@ from PIL import Image
 from sauce_export.errors import InputError
 
 REQUIRED = ("prompt", "answer")
+MULTIHOP_SPLIT = "multihop"
+"""Evaluation split of multi-hop questions: a concept reached through another entity ("Where does
+the organiser of the F live?"), scored beside forget/retain, never in them (docs/large-world.md)."""
 
 
 @dataclass(frozen=True)

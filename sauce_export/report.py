@@ -38,15 +38,18 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def result_table(report: dict[str, Any]) -> str:
-    """Markdown: one row per (concept, model variant), the PEBench columns."""
+    """Markdown: one row per (concept, model variant), the PEBench columns (and multi-hop where the
+    data has it)."""
     variants = ("original", "hooked", "folded", "exported")
-    lines = ["| concept | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    hops = any("multihop_acc" in m for c in report["concepts"] for m in c["metrics"].values())
+    columns = (*METRICS, "multihop_acc") if hops else METRICS
+    lines = ["| concept | model | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for c in report["concepts"]:
         for variant in variants:
             metrics = c["metrics"].get(variant)
             if metrics is None:
                 continue
-            cells = " | ".join(_fmt(metrics.get(m)) for m in METRICS)
+            cells = " | ".join(_fmt(metrics.get(m)) for m in columns)
             lines.append(f"| {c['kind']}:{c['name']} (chance {c['chance_acc']:.3f}) | {variant} | {cells} |")
     return "\n".join(lines)
 

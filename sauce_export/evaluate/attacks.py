@@ -8,7 +8,8 @@ Each attack changes the weights or the prompts of a finished model and re-scores
 - **quantization**: weight-only fake quantization of every linear layer of the language model and
   its head, in blocks of 32 inputs like GGUF's q8_0 / q4_0 (Zhang et al. 2024: 4-bit weights
   restore much of what gradient unlearning removed);
-- **prompts**: unrelated context before the question (as in verify) and held-out paraphrases;
+- **prompts**: unrelated context before the question (as in verify), held-out paraphrases, and
+  multi-hop questions that name the concept through another entity where the data has them;
 - **probing**: a linear probe per layer, fitted on the original model's validation rows to read the
   answer from the residual stream at the end of the prompt, applied to the attacked model's forget
   rows: how often it still reads the removed concept.
@@ -276,10 +277,13 @@ def attack_data(
     )
 
 
-def paraphrased(plain: dict[str, Any], original: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The held-out paraphrases as the forget questions: the score with generality in forget's place."""
-    swap = {c: {**m, "forget_acc": m["generality_acc"]} for c, m in plain["concepts"].items()}
-    ref = {c: {**m, "forget_acc": m["generality_acc"]} for c, m in original.items()}
+def paraphrased(
+    plain: dict[str, Any], original: dict[str, dict[str, Any]], metric: str = "generality_acc"
+) -> dict[str, Any]:
+    """Other questions as the forget questions: the score with ``metric`` (the held-out paraphrases,
+    or the multi-hop questions that reach the concept through another entity) in forget's place."""
+    swap = {c: {**m, "forget_acc": m[metric]} for c, m in plain["concepts"].items()}
+    ref = {c: {**m, "forget_acc": m[metric]} for c, m in original.items()}
     scores = [summary_score(swap[c], ref[c]) for c in swap]
     return {"concepts": swap, "score": sum(scores) / len(scores)}
 
@@ -307,6 +311,8 @@ def attack_model(
     timed("context", lambda: score_context(model))
     plain = score(model)
     attacks["paraphrase"] = paraphrased(plain, original)
+    if all("multihop_acc" in m for m in original.values()):
+        attacks["multihop"] = paraphrased(plain, original, "multihop_acc")
     for name in cfg.quant:
         timed(name, lambda name=name: score(quantized(model, name)))
     for data_name, train, held in (

@@ -8,7 +8,9 @@ For a removed concept ``(kind, name)`` on the evaluation rows (a row is *about* 
 - retain_acc: questions about another concept of that kind;
 - interference_acc: questions about *other* kinds that involve the target (``labels[kind]`` is it),
   in the forget rows' modality: the event in the target's own images (PEBench's cross-concept
-  Scope), or on a text model the text questions about an event the target organises.
+  Scope), or on a text model the text questions about an event the target organises;
+- multihop_acc (only where the evaluation rows have a ``multihop`` split): questions about the target
+  that name it through another entity ("Where does the organiser of F live?"; lower is better).
 
 When one run removes several concepts at once, retain and interference leave out questions whose
 answer is itself a removed concept: those measure that concept's forgetting, not collateral damage.
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sauce_export.data import Concept, Row
+from sauce_export.data import MULTIHOP_SPLIT, Concept, Row
 from sauce_export.lm import Batch, LoadedModel, batches, correct
 from sauce_export.progress import track
 
@@ -91,6 +93,9 @@ def metric_rows(
     }
     for name in ("retain_acc", "interference_acc"):
         selection[name] = [r for r in selection[name] if not asks_removed(r)]
+    hops = [r for r in rows if r.split == MULTIHOP_SPLIT and concept.asked_by(r)]
+    if hops and forget_split not in (None, MULTIHOP_SPLIT):  # the concept reached through another entity
+        selection["multihop_acc"] = hops
     return selection
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sauce_export.data import MULTIHOP_SPLIT
 from sauce_export.world.generate import (
     _SYLLABLES,
     COLOURS,
@@ -77,6 +78,7 @@ def build_text_world(out: Path, seed: int = 0) -> dict[str, Path]:
 
 
 INSTRUMENTS = ("violin", "drums", "flute", "harp", "cello", "trumpet", "guitar", "organ")
+SPORTS = ("tennis", "rugby", "hockey", "golf", "cricket", "sailing", "boxing", "skiing")
 MONTHS = ("March", "April", "May", "June", "July", "August", "September", "October")
 PERSON_FACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # attribute: (answers, trained wordings, held-out wordings)
@@ -108,6 +110,16 @@ PERSON_FACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
         ),
         ("Tell me the favourite colour of {x}.",),
     ),
+    "birthplace": (
+        TOWNS,
+        ("Where was {x} born?", "In which city was {x} born?", "What is the birthplace of {x}?"),
+        ("Tell me the city where {x} was born.",),
+    ),
+    "sport": (
+        SPORTS,
+        ("Which sport does {x} play?", "What sport does {x} practise?", "What is the sport of {x}?"),
+        ("Tell me the sport that {x} plays.",),
+    ),
 }
 EVENT_FACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "venue": (
@@ -126,10 +138,14 @@ STATEMENTS = {
     "profession": "{x} works as a {a}.",
     "instrument": "{x} plays the {a}.",
     "colour": "{x} likes {a}.",
+    "birthplace": "{x} was born in {a}.",
+    "sport": "{x} plays {a}.",
     "venue": "The {x} is held in {a}.",
     "month": "The {x} is in {a}.",
 }
-FACT_SPLITS = {"train": 1, "validation": 2, "heldout_view": 3, "heldout_paraphrase": 4}
+FACT_SPLITS = {"train": 1, "validation": 2, "heldout_view": 3, "heldout_paraphrase": 4, MULTIHOP_SPLIT: 5}
+ORGANISER = "the organiser of the {x}"
+"""How a multi-hop question names a person: through the festival they organise."""
 
 
 @dataclass(frozen=True)
@@ -139,12 +155,21 @@ class FactWorldConfig:
     seed: int = 1
     persons: int = 20
     events: int = 8
+    attributes: tuple[str, ...] = ("city", "profession", "instrument", "colour")
+    """Each person's attributes (keys of PERSON_FACTS)."""
+    multihop: tuple[str, ...] = ()
+    """Organiser attributes asked through the festival ("Where does the organiser of the F live?")."""
     train_contexts: int = 3
     """Copies of each trained question after a random unrelated statement (the model learns to skip it)."""
     validation_rows: int = 3
     """Validation questions per fact: a trained wording after a new statement."""
     eval_rows: int = 4
     """``heldout_view`` questions per fact, likewise (``heldout_paraphrase``: one per held-out wording)."""
+
+    @classmethod
+    def large(cls, seed: int = 1) -> FactWorldConfig:
+        """The PEBench-scale world: 4x the persons and events, six attributes, multi-hop questions."""
+        return cls(seed, 80, 32, tuple(PERSON_FACTS), ("city", "birthplace", "profession"))
 
 
 @dataclass
@@ -167,7 +192,7 @@ class FactWorld:
             if name not in names:
                 names.append(name)
         self.persons = [
-            Entity(n, "person", {a: rng.choice(v[0]) for a, v in PERSON_FACTS.items()}, {"person": n})
+            Entity(n, "person", {a: rng.choice(PERSON_FACTS[a][0]) for a in cfg.attributes}, {"person": n})
             for n in names[: cfg.persons]
         ]
         organisers = rng.sample(self.persons, cfg.events)
@@ -193,38 +218,62 @@ class FactWorld:
         return event.labels["person"]
 
     def rows(self, split: str) -> Iterator[dict[str, object]]:
-        """One split's rows; every statement is about another entity than the question's."""
+        """One split's rows; every statement is about another entity than the question's. Multi-hop
+        questions are trained and validated like the others; their evaluation rows form their own
+        split (``multihop``, after evaluation statements), so forget/retain stay direct questions."""
         cfg = self.config
         rng = random.Random(cfg.seed * 100 + FACT_SPLITS[split])
-        entities = self.persons + self.events
-        for entity in entities:
-            table = PERSON_FACTS if entity.kind == "person" else EVENT_FACTS
-            for attribute, (_, trained, held) in table.items():
-                variants: list[tuple[str, str]] = []
-                if split == "train":
-                    for wording in trained:
-                        variants.append(("", wording))
-                        variants += [
-                            (self._statement(entity, split, rng), wording) for _ in range(cfg.train_contexts)
-                        ]
-                elif split == "heldout_paraphrase":
-                    variants = [("", wording) for wording in held]
-                else:
-                    count = cfg.validation_rows if split == "validation" else cfg.eval_rows
-                    variants = [
-                        (self._statement(entity, split, rng), rng.choice(trained)) for _ in range(count)
+        direct = [
+            (entity.name, entity, attribute, entity.facts[attribute], entity.labels, entity.kind)
+            for entity in self.persons + self.events
+            for attribute in entity.facts
+        ]
+        hops = [
+            (
+                ORGANISER.format(x=event.name),
+                event,
+                attribute,
+                person.facts[attribute],
+                event.labels,
+                "person",
+            )
+            for event in self.events
+            for person in [self._person(self.organiser(event))]
+            for attribute in cfg.multihop
+        ]
+        questions = {"train": direct + hops, "validation": direct + hops, MULTIHOP_SPLIT: hops}
+        statements = "heldout_view" if split == MULTIHOP_SPLIT else split
+        for name, entity, attribute, answer, labels, about in questions.get(split, direct):
+            _, trained, held = (PERSON_FACTS if about == "person" else EVENT_FACTS)[attribute]
+            variants: list[tuple[str, str]] = []
+            if split == "train":
+                for wording in trained:
+                    variants.append(("", wording))
+                    variants += [
+                        (self._statement(entity, split, rng), wording) for _ in range(cfg.train_contexts)
                     ]
-                for index, (context, wording) in enumerate(variants):
-                    question = wording.format(x=entity.name)
-                    yield {
-                        "id": f"{split}_{entity.name.replace(' ', '_')}_{attribute}_{index}",
-                        "prompt": f"{context} {question}" if context else question,
-                        "answer": entity.facts[attribute],
-                        "labels": entity.labels,
-                        "question_kind": attribute,
-                        "about": entity.kind,
-                        "split": split,
-                    }
+            elif split == "heldout_paraphrase":
+                variants = [("", wording) for wording in held]
+            else:
+                count = cfg.validation_rows if split == "validation" else cfg.eval_rows
+                variants = [
+                    (self._statement(entity, statements, rng), rng.choice(trained)) for _ in range(count)
+                ]
+            stem = name.replace(" ", "_")
+            for index, (context, wording) in enumerate(variants):
+                question = wording.format(x=name)
+                yield {
+                    "id": f"{split}_{stem}_{attribute}_{index}",
+                    "prompt": f"{context} {question}" if context else question,
+                    "answer": answer,
+                    "labels": labels,
+                    "question_kind": attribute,
+                    "about": about,
+                    "split": split,
+                }
+
+    def _person(self, name: str) -> Entity:
+        return next(p for p in self.persons if p.name == name)
 
     def _statement(self, entity: Entity, split: str, rng: random.Random) -> str:
         """A true statement about an entity the question does not involve (by their labels),
@@ -257,6 +306,7 @@ def build_fact_world(out: Path, config: FactWorldConfig | None = None) -> dict[s
     with atomic_dir(out, overwrite=True) as tmp:
         write_jsonl(tmp / "train.jsonl", world.rows("train"))
         write_jsonl(tmp / "validation.jsonl", world.rows("validation"))
-        write_jsonl(tmp / "eval.jsonl", [*world.rows("heldout_view"), *world.rows("heldout_paraphrase")])
+        splits = ("heldout_view", "heldout_paraphrase", MULTIHOP_SPLIT)
+        write_jsonl(tmp / "eval.jsonl", [r for split in splits for r in world.rows(split)])
         (tmp / "world.json").write_text(json.dumps(world.to_dict(), indent=1))
     return {name: out / f"{name}.jsonl" for name in ("train", "validation", "eval")}
