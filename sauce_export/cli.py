@@ -236,7 +236,11 @@ def _add_compare(sub: Any) -> None:
         help="write the summary table of a compare.json into README.md between its compare markers",
     )
     table.add_argument(
-        "compare_json", type=Path, metavar="COMPARE_JSON", help="OUT/compare.json of `compare`"
+        "compare_json",
+        type=Path,
+        nargs="+",
+        metavar="COMPARE_JSON",
+        help="OUT/compare.json of `compare`; several are merged into one table (same baseline budget)",
     )
     table.add_argument("--readme", type=Path, default=Path("README.md"), help="file to update (README.md)")
 
@@ -326,7 +330,7 @@ def _compare(args: argparse.Namespace) -> int:
     from sauce_export.compare import compare, update_readme
 
     if args.command == "compare-readme":
-        update_readme(args.readme, args.compare_json)
+        update_readme(args.readme, *args.compare_json)
         print(args.readme)
         return 0
     from sauce_export.evaluate.baselines import METHODS

@@ -659,15 +659,36 @@ def summary_markdown(result: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     budget = result["budget"]
+    attacks = result.get("attack_configs") or {
+        result.get("source", "compare.json"): result.get("attack_config")
+    }
     lines += [
         "",
         f"Scores (higher is better) from `{result.get('source', 'compare.json')}`; every baseline at the "
         f"learning rate x steps with the best score on validation rows (full {', '.join(f'{x:g}' for x in budget['lrs_full'])}; "
         f"LoRA r={budget['lora_r']} {', '.join(f'{x:g}' for x in budget['lrs_lora'])}; steps {_steps(budget['steps'])} "
         f"of batch {budget['batch_size']}), NPO beta {budget['beta']:g}, seed {budget['seed']}; the evaluation rows "
-        "scored once." + (" Robust: the score after the worst attack (docs/attack.md)." if robust else ""),
+        "scored once."
+        + (
+            f" Robust: the score after the worst attack (docs/attack.md){_relearn_budget(attacks)}."
+            if robust
+            else ""
+        ),
     ]
     return "\n".join(lines)
+
+
+def _relearn_budget(configs: dict[str, dict[str, Any] | None]) -> str:
+    """'; relearning ...' per source with attacks (all sources' when they differ, else once)."""
+
+    def one(cfg: dict[str, Any]) -> str:
+        lrs = " / ".join(", ".join(f"{x:g}" for x in cfg[k]) or "none" for k in ("lrs_full", "lrs_lora"))
+        return f"relearning lr {lrs} (full / LoRA), scored at {_steps(list(cfg['steps']))} steps"
+
+    found = {src: one(cfg) for src, cfg in configs.items() if cfg}
+    if len(set(found.values())) <= 1:
+        return "".join(f"; {text}" for text in set(found.values()))
+    return "".join(f"; `{src}`: {text}" for src, text in found.items())
 
 
 def _steps(steps: int | list[int]) -> str:
@@ -678,6 +699,7 @@ def _robust(methods: dict[str, dict[str, Any]]) -> list[str]:
     """(SAUCE's robust score, the best baseline's with its name) for the README's summary row."""
     scores = {m: v["attacks"]["robust_score"] for m, v in methods.items() if "attacks" in v}
     sauce = scores.pop("SAUCE (exported)", None)
+    scores = {m: v for m, v in scores.items() if not m.startswith("SAUCE")}
     if not scores:
         return [_fmt(sauce), "-"]
     top = max(scores.values())
@@ -685,17 +707,44 @@ def _robust(methods: dict[str, dict[str, Any]]) -> list[str]:
     return [_fmt(sauce), f"{_fmt(top)} ({names})"]
 
 
-def update_readme(readme: Path, compare_json: Path) -> None:
-    """Replace the text between the README's compare markers with the summary of ``compare_json``."""
+def merged(paths: Sequence[Path]) -> dict[str, Any]:
+    """One result from several compare.json files (e.g. the multi setting with the full attack budget
+    and the others with a smaller one): their settings in order, one table. Their baselines must share
+    one budget (one footnote states it); each file's attack budget is kept for the footnote."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+            settings, budget = result["settings"], result["budget"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(str(path), "settings", f"not a compare.json ({err})") from None
+        if not out:
+            out = {**result, "settings": {}, "source": str(path), "attack_configs": {}}
+        elif budget != out["budget"]:
+            raise InputError(
+                str(path), "budget", f"differs from {out['source'].split(',')[0]}'s: one table, one budget"
+            )
+        else:
+            out["source"] += f", {path}"
+        for name, entry in settings.items():
+            if name in out["settings"]:
+                raise InputError(str(path), "settings", f"{name!r} is already in {out['source']}")
+            out["settings"][name] = entry
+        out["attack_configs"][str(path)] = result.get("attack_config")
+    return out
+
+
+def update_readme(readme: Path, compare_json: Path, *more: Path) -> None:
+    """Replace the text between the README's compare markers with the summary of ``compare_json``
+    (and of ``more`` files, merged into the same table)."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise InputError(str(readme), "compare markers", f"add the lines {README_BEGIN} and {README_END}")
+    result = merged([compare_json, *more])
     try:
-        result = json.loads(compare_json.read_text())
-        result["source"] = str(compare_json)
         table = summary_markdown(result)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(str(compare_json), "settings", f"not a compare.json ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise InputError(result["source"], "settings", f"not a compare.json ({err})") from None
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     tmp = readme.with_suffix(".md.tmp")

@@ -210,4 +210,30 @@ def test_compare_attacks_every_chosen_model(
     assert "| SAUCE robust | best baseline robust |" in header
     baseline = max(entry["methods"][m]["attacks"]["robust_score"] for m in ("PO (full)", "PO (LoRA)"))
     assert f"| {sauce['robust_score']:.3f} | {baseline:.3f} (PO " in row
+    # a second file (another setting, a smaller attack budget) merges into the same table
+    other = json.loads((out / "compare.json").read_text())
+    other["settings"] = {"both": entry}
+    other["attack_config"]["lrs_full"] = []
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    both = [
+        "compare-readme",
+        str(out / "compare.json"),
+        str(tmp_path / "other.json"),
+        "--readme",
+        str(readme),
+    ]
+    assert main(both) == 0
+    lines = readme.read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[3:5]] == [
+        f"| {n}: {', '.join(entry['concepts'])}" for n in ("multi", "both")
+    ]
+    assert (
+        "relearning lr 0.01 / none (full / LoRA)" in lines[6]
+        and "other.json`: relearning lr none / none" in lines[6]
+    )
+    other["budget"]["steps"] = [9]
+    (tmp_path / "other.json").write_text(json.dumps(other))
     capsys.readouterr()
+    assert main(both) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other.json" in err and "budget" in err
