@@ -19,13 +19,15 @@ from sauce_export.diffusion import fold as F
 from sauce_export.diffusion import metrics
 from sauce_export.diffusion import model as M
 from sauce_export.diffusion import world as W
-from sauce_export.diffusion.unet import FeatureEdit, recording
+from sauce_export.diffusion.unet import FeatureEdit, ProjectEdit, recording
+from sauce_export.errors import InputError
 from sauce_export.sae.model import SAE, SaeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSIFIER = ROOT / "models" / "world-diffusion-classifier"
 PIPELINE = ROOT / "models" / "world-diffusion"
 SITE = "up_blocks.0.attentions.1"
+WRITER = "down_blocks.1.attentions.0.proj_out"
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +166,19 @@ def test_exported_pipeline_and_lora_load_with_stock_diffusers(tiny, tiny_dir: Pa
     same image from the pipeline folder as from the base + LoRA file, and both are the image our
     sampler makes with the merged UNet; every file but the UNet's weights is copied byte for byte."""
     gen = torch.Generator().manual_seed(0)
-    patch = {
+    project = ProjectEdit.of(torch.randn(3, 48, generator=gen), -1.0, torch.randn(48, generator=gen))
+    patch = {  # two fitted Linear patches and an exact conv patch with a bias change (lora_B.bias)
         f"{SITE}.transformer_blocks.0.ff.net.2": (
             0.3 * torch.randn(4, 192, generator=gen),
             0.3 * torch.randn(48, 4, generator=gen),
+            None,
         ),
         f"{SITE}.transformer_blocks.0.attn2.to_out.0": (
             0.3 * torch.randn(4, 48, generator=gen),
             0.3 * torch.randn(48, 4, generator=gen),
+            None,
         ),
+        **F.exact_patch(tiny.unet, WRITER, project),
     }
     exported = Path(str(F.export_pipeline(tiny_dir, patch, tmp_path / "pipeline")["path"]))
     lora = Path(str(F.export_lora(patch, tmp_path / "lora")["path"]))
@@ -206,6 +212,34 @@ def test_exported_pipeline_and_lora_load_with_stock_diffusers(tiny, tiny_dir: Pa
     assert np.abs(images["exported"] - ours).max() < 1e-4
     assert np.abs(images["lora"] - images["exported"]).max() < 1e-4
     assert np.abs(images["base"] - images["exported"]).max() > 1e-2  # the patch does something
+
+
+def test_project_edit_folds_exactly_into_its_writer(tiny) -> None:  # type: ignore[no-untyped-def]
+    """The project edit scales the directions' component of the writer's output about the center;
+    the folded UNet (weight and bias of that one conv) gives the hooked UNet's output to float
+    rounding, at a size of effect that changes images; a whole block is refused as its site."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    emb = M.encode_prompts(tiny.tokenizer, tiny.text_encoder, ["a circle in ember style", "a cross"])
+    with torch.no_grad(), recording(tiny.unet, WRITER) as seen:
+        base = tiny.unet(x, 400, encoder_hidden_states=emb).sample
+    center = seen[0].reshape(-1, 48).mean(0)
+    edit = ProjectEdit.of(torch.randn(4, 48, generator=gen), -0.5, center)
+    v = seen[0][0, 0]
+    moved = v + edit.delta(v)  # along the span: (v - c) -> -0.5 (v - c); across it: unchanged
+    p = edit.basis @ edit.basis.T
+    torch.testing.assert_close(p @ (moved - center), -0.5 * p @ (v - center), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(moved - p @ moved, v - p @ v, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        with edit.applied(tiny.unet, WRITER):
+            hooked = tiny.unet(x, 400, encoder_hidden_states=emb).sample
+        folded = F.merged(tiny.unet, F.exact_patch(tiny.unet, WRITER, edit))(
+            x, 400, encoder_hidden_states=emb
+        ).sample
+    effect = float((hooked - base).abs().max())
+    assert effect > 1e-2 and float((folded - hooked).abs().max()) < 1e-4 * max(1.0, effect)
+    with pytest.raises(InputError, match="site"):
+        F.exact_patch(tiny.unet, SITE, edit)
 
 
 def types_namespace(pipe, unet):  # type: ignore[no-untyped-def]
@@ -258,9 +292,10 @@ def test_dry_run_plans_stable_diffusion_from_its_configs(
 
 @pytest.mark.slow
 def test_demo_diffusion_recipe_end_to_end(tmp_path: Path) -> None:
-    """recipes/demo-diffusion.yaml end to end (about 10 minutes on a loaded 2-core machine): the
-    hooked edit removes the style within its gates, and the two exports (pipeline folder, LoRA
-    file) generate the same images. The fold's fidelity gates fail today (docs/diffusion.md)."""
+    """recipes/demo-diffusion.yaml end to end (about 6 minutes on a loaded 2-core machine): the
+    project edit, chosen on validation rows, removes the style (measured: UA 1.000, IRA 1.000, CRA
+    0.958 of the original's on evaluation rows) and its exact fold makes the exported pipeline and
+    the LoRA file generate the hooked images (measured MSE 1e-13)."""
     from sauce_export.diffusion.recipe import load_diffusion_recipe
     from sauce_export.diffusion.run import DiffusionRun
 
@@ -268,7 +303,11 @@ def test_demo_diffusion_recipe_end_to_end(tmp_path: Path) -> None:
     recipe.data.dir = str(tmp_path / "world")
     recipe.model, recipe.classifier = str(PIPELINE), str(CLASSIFIER)
     report = DiffusionRun(recipe, tmp_path / "run", progress=False).verify()
-    hooked = [c for c in report["gates"]["checks"] if " hooked " in c["name"]]
-    assert len(hooked) == 3 and all(c["passed"] for c in hooked), hooked
-    assert report["fidelity"]["exported_vs_lora"]["agreement"] == 1.0
+    (concept,) = report["concepts"]
+    assert concept["edit"] == "project"
+    m = concept["metrics"]
+    assert m["hooked"]["ua"] >= 0.9 and m["hooked"]["ira"] >= 0.95 * m["original"]["ira"]
+    assert m["hooked"]["cra"] >= 0.9 * m["original"]["cra"]  # 0.958 measured; margin for other CPUs
+    for v in ("exported", "lora"):
+        assert report["fidelity"][v]["agreement"] == 1.0 and report["fidelity"][v]["mse"] < 1e-8
     assert (tmp_path / "run" / "grid.png").is_file()

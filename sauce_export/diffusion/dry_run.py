@@ -16,7 +16,7 @@ import torch
 
 from sauce_export.diffusion.fold import linear_module
 from sauce_export.diffusion.recipe import DiffusionRecipe
-from sauce_export.diffusion.unet import site_module
+from sauce_export.diffusion.unet import block_of, sample_of, site_module
 from sauce_export.errors import InputError
 
 TEXT_TOKENS = 77
@@ -42,9 +42,10 @@ def dry_run(recipe: DiffusionRecipe, model: str | None = None) -> dict[str, Any]
     cfg = _read_json(root / "unet" / "config.json", where, "model")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg)
-    block = site_module(unet, recipe.site, where)
+    module = site_module(unet, recipe.site, where)
+    block_name, block = block_of(unet, recipe.site, where)
     shape: list[int] = []
-    handle = block.register_forward_hook(lambda _m, _i, o: shape.extend(o[0].shape))
+    handle = module.register_forward_hook(lambda _m, _i, o: shape.extend(sample_of(o).shape))
     size = int(cfg.get("sample_size", 64))
     with torch.device("meta"), torch.no_grad():
         unet(
@@ -59,7 +60,7 @@ def dry_run(recipe: DiffusionRecipe, model: str | None = None) -> dict[str, Any]
         lin = linear_module(block, rel, where)
         fold_modules.append(
             {
-                "module": f"{recipe.site}.{rel}",
+                "module": f"{block_name}.{rel}",
                 "shape": [lin.out_features, lin.in_features],
                 "lora_params": recipe.fold.rank * (lin.in_features + lin.out_features),
             }

@@ -1,6 +1,9 @@
-"""Fold the hooked edit into the UNet: a LoRA patch on linear writers inside the site's block, fitted
-to the *hooked* block outputs at every timestep of hooked trajectories; written as a standalone
-diffusers pipeline folder (only the UNet's weight file rewritten) and as a diffusers LoRA file.
+"""Fold the hooked edit into the UNet and write it as a standalone diffusers pipeline folder (only
+the UNet's weight file rewritten) and as a diffusers LoRA file.
+
+The project edit (an affine map of a writer's output) folds exactly into that writer's weight and
+bias (``exact_patch``). The gated edit cannot: a LoRA patch on linear writers inside the site's
+block is fitted to the *hooked* UNet outputs at every timestep of hooked trajectories (``fit_patch``).
 
 Why fit on hooked trajectories: the edit changes the image from the first step on, so the states
 the edited UNet meets are not the original's; a patch fitted on the original's states was faithful
@@ -24,13 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sauce_export.diffusion.unet import site_module
+from sauce_export.diffusion.unet import ProjectEdit, block_of, site_module
 from sauce_export.errors import InputError
 from sauce_export.fsutil import atomic_dir
 from sauce_export.progress import bar
 
-Patch = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Full UNet module path -> (A [rank, in], B [out, rank]); the weight becomes ``W + B @ A``."""
+Patch = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""Full UNet module path -> (A [rank, in, *kernel], B [out, rank], bias change or None); the
+weight becomes ``W + B @ A`` (over the input axes; a conv's kernel stays on A) and the bias
+``b + bias change``."""
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -97,6 +102,7 @@ class _Lora(nn.Module):
 
 
 def linear_module(block: nn.Module, rel: str, where: str) -> nn.Linear:
+    """The Linear at ``rel`` inside the site's block (``fold.modules`` entries)."""
     try:
         module = block.get_submodule(rel)
     except AttributeError:
@@ -127,7 +133,7 @@ def fit_patch(
     held-out tenth, the share of the edit's squared effect on the output the patch misses."""
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(unet).float().requires_grad_(False)
-    block = site_module(model, site, where)
+    block_name, block = block_of(model, site, where)
     x, t, e, y = (torch.cat([s[i] for s in samples]) for i in range(4))
     channels = x.shape[1]
     y = y[:, :channels]
@@ -180,30 +186,59 @@ def fit_patch(
         "edit_rms_on_output": effect,
         "samples": len(x),
     }
-    patch = {f"{site}.{rel}": lo.factors() for rel, lo in loras.items()}
+    patch: Patch = {f"{block_name}.{rel}": (*lo.factors(), None) for rel, lo in loras.items()}
     return patch, stats
+
+
+def exact_patch(unet: nn.Module, site: str, edit: ProjectEdit, where: str = "recipe") -> Patch:
+    """``edit`` folded into the writer at ``site``: its weight and bias become ``M W`` and
+    ``M b - (scale - 1) U U^T center`` with ``M = I + (scale - 1) U U^T``, so its output is exactly
+    the edited one (float rounding aside). Rank = the number of directions: A = U^T W, B =
+    (scale - 1) U over the output channels (a conv's kernel stays on A)."""
+    module = site_module(unet, site, where)
+    if not isinstance(module, nn.Linear | nn.Conv2d) or module.bias is None:
+        raise InputError(
+            where,
+            "site",
+            "the project edit folds exactly only into a Linear or conv writer with a bias "
+            "(e.g. down_blocks.1.attentions.0.proj_out), not a whole block",
+        )
+    u, c = edit.basis.double(), edit.center.double()
+    w, b = module.weight.detach().double(), module.bias.detach().double()
+    a = torch.einsum("ok,o...->k...", u, w)
+    bias = (edit.scale - 1.0) * (u @ (u.T @ (b - c)))
+    return {site: (a.float(), ((edit.scale - 1.0) * u).float(), bias.float())}
+
+
+def weight_change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B @ A`` over the input axes: the change of a Linear's or a conv's weight."""
+    return (b @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
 def merged(unet: nn.Module, patch: Patch) -> nn.Module:
     """A copy of ``unet`` with ``W + B @ A`` in every patched module."""
     out = copy.deepcopy(unet)
     with torch.no_grad():
-        for name, (a, b) in patch.items():
-            w = out.get_submodule(name).weight
-            w.add_((b @ a).to(w.dtype))
+        for name, (a, b, bias) in patch.items():
+            module = out.get_submodule(name)
+            module.weight.add_(weight_change(a, b).to(module.weight.dtype))
+            if bias is not None:
+                module.bias.add_(bias.to(module.bias.dtype))
     return out
 
 
 def save_patch(patch: Patch, path: Path, meta: dict[str, object]) -> None:
     tensors = {}
-    for name, (a, b) in patch.items():
+    for name, (a, b, bias) in patch.items():
         tensors[f"{name}.A"], tensors[f"{name}.B"] = a.contiguous(), b.contiguous()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.contiguous()
     save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
 
 
 def load_patch(path: Path) -> Patch:
     t = load_file(str(path))
-    return {k[:-2]: (t[k], t[k[:-2] + ".B"]) for k in t if k.endswith(".A")}
+    return {k[:-2]: (t[k], t[k[:-2] + ".B"], t.get(k[:-2] + ".bias")) for k in t if k.endswith(".A")}
 
 
 def export_pipeline(source: Path, patch: Patch, out: Path) -> dict[str, object]:
@@ -217,24 +252,36 @@ def export_pipeline(source: Path, patch: Patch, out: Path) -> dict[str, object]:
         with safe_open(str(src), "pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        for name, (a, b) in patch.items():
-            key = f"{name}.weight"
-            if key not in tensors:
-                raise InputError(str(src), key, "patched module missing from the UNet's weights")
-            w = tensors[key]
-            tensors[key] = (w.float() + b @ a).to(w.dtype)
+        for name, (a, b, bias) in patch.items():
+            changes = {"weight": weight_change(a, b), "bias": bias}
+            for field, change in changes.items():
+                key = f"{name}.{field}"
+                if change is None:
+                    continue
+                if key not in tensors:
+                    raise InputError(str(src), key, "patched module missing from the UNet's weights")
+                tensors[key] = (tensors[key].float() + change).to(tensors[key].dtype)
         save_file(tensors, str(tmp / UNET_WEIGHTS), metadata=meta)
-    changed = sorted(f"{n}.weight" for n in patch)
+    changed = sorted(
+        [f"{n}.weight" for n in patch] + [f"{n}.bias" for n, p in patch.items() if p[2] is not None]
+    )
     return {"path": str(out), "changed_tensors": changed}
 
 
 def export_lora(patch: Patch, out: Path) -> dict[str, object]:
     """A diffusers LoRA file (PEFT key layout, ``unet.`` prefix) that stock ``load_lora_weights``
-    reads; with no alphas stored, diffusers uses alpha = rank, i.e. scale 1: exactly ``B @ A``."""
+    reads; with no alphas stored, diffusers uses alpha = rank, i.e. scale 1: exactly ``B @ A``.
+    A conv's A keeps the kernel and its B is 1x1 (PEFT's conv LoRA); bias changes go to
+    ``lora_B.bias`` (PEFT's ``lora_bias``, which diffusers detects from the keys and then expects
+    for every module: those without a bias change get zeros)."""
+    any_bias = any(p[2] is not None for p in patch.values())
     with atomic_dir(out, overwrite=True) as tmp:
         tensors = {}
-        for name, (a, b) in patch.items():
+        for name, (a, b, bias) in patch.items():
             tensors[f"unet.{name}.lora_A.weight"] = a.contiguous()
-            tensors[f"unet.{name}.lora_B.weight"] = b.contiguous()
+            tensors[f"unet.{name}.lora_B.weight"] = b.reshape(*b.shape, *[1] * (a.dim() - 2)).contiguous()
+            if any_bias:
+                zero = torch.zeros(b.shape[0], dtype=b.dtype)
+                tensors[f"unet.{name}.lora_B.bias"] = (zero if bias is None else bias).contiguous()
         save_file(tensors, str(tmp / LORA_FILE))
-    return {"path": str(out), "file": LORA_FILE, "rank": max(a.shape[0] for a, _ in patch.values())}
+    return {"path": str(out), "file": LORA_FILE, "rank": max(p[0].shape[0] for p in patch.values())}

@@ -46,8 +46,17 @@ class ConceptEntry:
 
 @dataclass
 class CalibrateSection:
+    edits: list[Literal["gated", "project"]] = _list(  # noqa: RUF009
+        ["gated"],
+        "Edit kinds in order of preference; the first with a passing point for every concept wins. "
+        "gated: SAeUron's multiplier on latents above their mean (LoRA fit fold); project: the latents' "
+        "decoder directions scaled in a writer's output (exact fold; the site must be a Linear/conv).",
+    )
     top_n: list[int] = _list([1, 2, 4, 8, 16], "Feature counts tried, per concept (SAeUron score order).")  # noqa: RUF009
     multipliers: list[float] = _list([-1.0, -4.0, -16.0], "Negative multipliers tried (SAeUron's gamma).")  # noqa: RUF009
+    scales: list[float] = _list(  # noqa: RUF009
+        [0.0, -0.5, -1.0], "Scales of the directions tried by the project edit (0 projects them out)."
+    )
     ua_margin: float = _f(0.05, "UA on validation rows must beat verify.ua by this margin.", min=0)
     retain_margin: float = _f(
         0.02, "IRA/CRA ratios on validation must beat verify.retain_ratio by this.", min=0
@@ -86,7 +95,10 @@ class DiffusionRecipe:
     family: Literal["diffusion"] = _f("diffusion", "Marks a diffusion recipe.")
     model: str = _f("models/world-diffusion", "A diffusers pipeline folder (IFPipeline-style, pixel space).")
     classifier: str = _f("models/world-diffusion-classifier", "The judge of generated images.")
-    site: str = _f("up_blocks.0.attentions.1", "Cross-attention block whose output the SAE reads.")
+    site: str = _f(
+        "up_blocks.0.attentions.1",
+        "Cross-attention block, or a Linear/conv writer inside one (its proj_out), whose output the SAE reads.",
+    )
     concepts: list[ConceptEntry] = field(
         default_factory=list, metadata={"help": "Concepts to remove: a list of {kind, name}."}
     )
@@ -128,6 +140,8 @@ def load_diffusion_recipe(path: str | Path, check_paths: bool = True) -> Diffusi
     cal = recipe.calibrate
     if not cal.top_n or not cal.multipliers or min(cal.top_n) < 1 or max(cal.multipliers) >= 0:
         raise InputError(where, "calibrate", "top_n needs values >= 1 and multipliers values < 0")
+    if not cal.edits or ("project" in cal.edits and (not cal.scales or max(cal.scales) >= 1)):
+        raise InputError(where, "calibrate.scales", "the project edit needs scales below 1")
     for key in ("model", "classifier") if check_paths else ():
         if not Path(getattr(recipe, key)).is_dir():
             raise InputError(where, key, f"{getattr(recipe, key)} is not a directory")

@@ -26,7 +26,7 @@ from sauce_export.diffusion import metrics
 from sauce_export.diffusion import world as W
 from sauce_export.diffusion.model import Sampling, load_classifier, load_pipeline, sample
 from sauce_export.diffusion.recipe import DiffusionRecipe
-from sauce_export.diffusion.unet import FeatureEdit, recording, site_width
+from sauce_export.diffusion.unet import FeatureEdit, ProjectEdit, SiteEdit, recording, site_width
 from sauce_export.errors import CalibrationFailed, InputError
 from sauce_export.fsutil import check_writable
 from sauce_export.progress import stage_done, track
@@ -117,7 +117,7 @@ class DiffusionRun:
             stage_done(name, seconds, self.progress)
 
     def generate(
-        self, rows: list[W.DiffusionRow], desc: str, edit: FeatureEdit | None = None, pipe: Any = None
+        self, rows: list[W.DiffusionRow], desc: str, edit: SiteEdit | None = None, pipe: Any = None
     ) -> metrics.Judged:
         pipe = pipe or self.pipe
         if edit is None:
@@ -227,17 +227,29 @@ class DiffusionRun:
 
         return self._stage("select", key, body)
 
-    def edit(self, choice: dict[str, dict[str, Any]]) -> FeatureEdit:
-        """The union edit of every concept's chosen top_n latents, each with its multiplier."""
+    def edit(self, choice: dict[str, dict[str, Any]]) -> SiteEdit:
+        """The union edit of every concept's chosen point (all of one kind, see calibrate)."""
         ranked = self.select()
-        feats: dict[int, tuple[float, float]] = {}
+        if all(c.get("edit") == "project" for c in choice.values()):
+            feats = sorted({i for k, c in choice.items() for i in ranked[k]["features"][: c["top_n"]]})
+            scale = min(c["scale"] for c in choice.values())  # several concepts: the stronger scale
+            return ProjectEdit.of(self.sae().W_dec[feats], scale, self.rest_mean(list(choice)))
+        gated: dict[int, tuple[float, float]] = {}
         for concept, c in choice.items():
             sel = ranked[concept]
             for i, thr in list(zip(sel["features"], sel["thresholds"], strict=True))[: c["top_n"]]:
-                gamma = min(c["multiplier"], feats.get(i, (0.0, 0.0))[0])  # shared latent: the stronger
-                feats[i] = (gamma, min(thr, feats.get(i, (0.0, thr))[1]))
-        order = sorted(feats)
-        return FeatureEdit(self.sae(), order, [feats[i][0] for i in order], [feats[i][1] for i in order])
+                gamma = min(c["multiplier"], gated.get(i, (0.0, 0.0))[0])  # shared latent: the stronger
+                gated[i] = (gamma, min(thr, gated.get(i, (0.0, thr))[1]))
+        order = sorted(gated)
+        return FeatureEdit(self.sae(), order, [gated[i][0] for i in order], [gated[i][1] for i in order])
+
+    def rest_mean(self, concepts: list[str]) -> torch.Tensor:
+        """Mean site activation over the training rows that carry none of ``concepts`` (every
+        position and step): the point the project edit scales from, so kept prompts move little."""
+        acts, rows = self.collect()
+        names = [tuple(c.split(":", 1)) for c in concepts]
+        keep = torch.tensor([all(x.label(k) != n for k, n in names) for x in rows])
+        return acts[keep].reshape(-1, acts.shape[-1]).double().mean(0).float()
 
     def original(self, split: str) -> dict[str, Any]:
         """The original pipeline's images of a split, judged (cached in memory)."""
@@ -260,51 +272,71 @@ class DiffusionRun:
             rows = self.rows("validation")
             base = self.original("validation")
             table: list[dict[str, Any]] = []
-            choice: dict[str, dict[str, Any]] = {}
-            grid = sorted(
-                ((n, m) for n in cal.top_n for m in cal.multipliers), key=lambda p: (p[0] * abs(p[1]), p[0])
-            )
-            for kind, name in self.concepts():
-                concept = f"{kind}:{name}"
-                ref = metrics.removal_scores(rows, base, [(kind, name)])
-                for n, m in grid:
-                    point = {"top_n": n, "multiplier": m}
-                    judged = self.generate(
-                        rows, f"calibrate {concept} n={n} m={m}", self.edit({concept: point})
-                    )
-                    s = metrics.removal_scores(rows, judged, [(kind, name)])
-                    ok = self._passes(s, ref, cal.ua_margin, cal.retain_margin)
-                    table.append({"concept": concept, **point, **s, "passed": ok})
-                    if ok:
-                        choice[concept] = point
-                        break
-                if concept not in choice:
-                    raise CalibrationFailed(
-                        f"no (top_n, multiplier) passes for {concept} on validation rows", table
-                    )
-            if len(choice) > 1:
-                judged = self.generate(rows, "calibrate union", self.edit(choice))
-                for kind, name in self.concepts():
-                    s = metrics.removal_scores(rows, judged, [(kind, name)])
-                    ref = metrics.removal_scores(rows, base, [(kind, name)])
-                    ok = self._passes(s, ref, cal.ua_margin, cal.retain_margin)
-                    table.append({"concept": f"union/{kind}:{name}", **s, "passed": ok})
-                    if not ok:
-                        raise CalibrationFailed(
-                            "the union of the chosen edits fails on validation rows", table
-                        )
-            return {"choice": choice, "table": table, "original_validation": metrics.accuracy(rows, base)}
+            for kind in cal.edits:
+                choice = self._calibrate_kind(kind, rows, base, table)
+                if choice is not None:
+                    return {
+                        "choice": choice,
+                        "table": table,
+                        "original_validation": metrics.accuracy(rows, base),
+                    }
+            raise CalibrationFailed("no edit passes every concept on validation rows", table)
 
         return self._stage("calibrate", key, body)
 
-    def _passes(
-        self, s: dict[str, float], ref: dict[str, float], ua_margin: float, retain_margin: float
-    ) -> bool:
-        g = self.recipe.verify
-        ratio = g.retain_ratio + retain_margin
-        return s["ua"] >= min(1.0, g.ua + ua_margin) and all(
-            s[k] >= ratio * ref[k] for k in ("ira", "cra") if ref[k] == ref[k]
-        )
+    def _points(self, kind: str) -> list[dict[str, Any]]:
+        """The points of one edit kind, gentlest first (ties on the margin go to the gentler)."""
+        cal = self.recipe.calibrate
+        if kind == "project":
+            pts = [{"edit": kind, "top_n": n, "scale": s} for n in cal.top_n for s in cal.scales]
+            return sorted(pts, key=lambda p: (p["top_n"] * (1 - p["scale"]), p["top_n"]))
+        pts = [{"edit": kind, "top_n": n, "multiplier": m} for n in cal.top_n for m in cal.multipliers]
+        return sorted(pts, key=lambda p: (p["top_n"] * abs(p["multiplier"]), p["top_n"]))
+
+    def _calibrate_kind(
+        self, kind: str, rows: list[W.DiffusionRow], base: metrics.Judged, table: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]] | None:
+        """Every point of ``kind`` on validation rows, per concept; the passing point with the
+        largest smallest margin over its bars (not the first to pass: that one sits on the edge).
+        Several concepts: their union must pass too. None when a concept has no passing point."""
+        choice: dict[str, dict[str, Any]] = {}
+        for k, name in self.concepts():
+            concept = f"{k}:{name}"
+            ref = metrics.removal_scores(rows, base, [(k, name)])
+            best: tuple[float, dict[str, Any]] | None = None
+            for point in self._points(kind):
+                label = " ".join(f"{a}={b}" for a, b in point.items() if a != "edit")
+                judged = self.generate(
+                    rows, f"calibrate {kind} {concept} {label}", self.edit({concept: point})
+                )
+                s = metrics.removal_scores(rows, judged, [(k, name)])
+                slack = self._slack(s, ref)
+                table.append({"concept": concept, **point, **s, "slack": slack, "passed": slack >= 0})
+                if slack >= 0 and (best is None or slack > best[0]):
+                    best = (slack, point)
+            if best is None:
+                return None
+            choice[concept] = best[1]
+        if len(choice) > 1:
+            judged = self.generate(rows, f"calibrate {kind} union", self.edit(choice))
+            for k, name in self.concepts():
+                s = metrics.removal_scores(rows, judged, [(k, name)])
+                slack = self._slack(s, metrics.removal_scores(rows, base, [(k, name)]))
+                table.append(
+                    {"concept": f"union/{k}:{name}", "edit": kind, **s, "slack": slack, "passed": slack >= 0}
+                )
+                if slack < 0:
+                    return None
+        return choice
+
+    def _slack(self, s: dict[str, float], ref: dict[str, float]) -> float:
+        """The smallest margin of validation scores ``s`` over calibration's bars (>= 0: passes):
+        UA over verify.ua + ua_margin, IRA/CRA over (retain_ratio + retain_margin) x original."""
+        g, cal = self.recipe.verify, self.recipe.calibrate
+        ratio = g.retain_ratio + cal.retain_margin
+        margins = [s["ua"] - min(1.0, g.ua + cal.ua_margin)]
+        margins += [s[k] - ratio * ref[k] for k in ("ira", "cra") if ref[k] == ref[k]]
+        return round(min(margins), 6)
 
     def fold(self) -> F.Patch:
         r = self.recipe
@@ -313,33 +345,11 @@ class DiffusionRun:
 
         def body(directory: Path) -> dict[str, Any]:
             edit = self.edit(cal["choice"])
-            rows = self.rows("train")
-            rows = [
-                rows[i]
-                for i in sorted(random.Random(1).sample(range(len(rows)), min(r.fold.rows, len(rows))))
-            ]
-            bs = r.sampling.batch_size
-            with edit.applied(self.pipe.unet, r.site), F.unet_io(self.pipe.unet) as seen:
-                for i in track(range(0, len(rows), bs), "fold calibration", self.progress):
-                    chunk = rows[i : i + bs]
-                    sample(self.pipe, [x.prompt for x in chunk], [x.seed for x in chunk], self.sampling)
-            fit = dict(
-                modules=r.fold.modules, rank=r.fold.rank, steps=r.fold.steps, lr=r.fold.lr, where=r.path
-            )
-            patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
-            for _ in range(r.fold.refits):
-                labeller = F.Labeller(F.merged(self.pipe.unet, patch), self.pipe.unet)
-                with edit.applied(self.pipe.unet, r.site):
-                    for i in track(range(0, len(rows), bs), "fold refit states", self.progress):
-                        chunk = rows[i : i + bs]
-                        sample(
-                            self.with_unet(labeller),
-                            [x.prompt for x in chunk],
-                            [x.seed for x in chunk],
-                            self.sampling,
-                        )
-                seen = seen + labeller.samples
-                patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
+            if isinstance(edit, ProjectEdit):
+                patch = F.exact_patch(self.pipe.unet, r.site, edit, r.path)
+                stats: dict[str, Any] = {"exact": True, "rank": edit.basis.shape[1]}
+            else:
+                patch, stats = self._fit(edit)
             F.save_patch(patch, directory / "patch.safetensors", {"choice": cal["choice"], **stats})
             val = self.rows("validation")
             hooked = self.generate(val, "hooked validation", edit)
@@ -354,6 +364,35 @@ class DiffusionRun:
 
         self.fold_info = self._stage("fold", key, body)
         return F.load_patch(self.out / "fold" / "patch.safetensors")
+
+    def _fit(self, edit: SiteEdit) -> tuple[F.Patch, dict[str, Any]]:
+        """The gated edit's LoRA patch, fitted on hooked trajectories (plus ``fold.refits``)."""
+        r = self.recipe
+        rows = self.rows("train")
+        rows = [
+            rows[i] for i in sorted(random.Random(1).sample(range(len(rows)), min(r.fold.rows, len(rows))))
+        ]
+        bs = r.sampling.batch_size
+        with edit.applied(self.pipe.unet, r.site), F.unet_io(self.pipe.unet) as seen:
+            for i in track(range(0, len(rows), bs), "fold calibration", self.progress):
+                chunk = rows[i : i + bs]
+                sample(self.pipe, [x.prompt for x in chunk], [x.seed for x in chunk], self.sampling)
+        fit = dict(modules=r.fold.modules, rank=r.fold.rank, steps=r.fold.steps, lr=r.fold.lr, where=r.path)
+        patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
+        for _ in range(r.fold.refits):
+            labeller = F.Labeller(F.merged(self.pipe.unet, patch), self.pipe.unet)
+            with edit.applied(self.pipe.unet, r.site):
+                for i in track(range(0, len(rows), bs), "fold refit states", self.progress):
+                    chunk = rows[i : i + bs]
+                    sample(
+                        self.with_unet(labeller),
+                        [x.prompt for x in chunk],
+                        [x.seed for x in chunk],
+                        self.sampling,
+                    )
+            seen = seen + labeller.samples
+            patch, stats = F.fit_patch(self.pipe.unet, r.site, seen, progress=self.progress, **fit)
+        return patch, stats
 
     def with_unet(self, unet: torch.nn.Module) -> Any:
         p = self.pipe
