@@ -5,11 +5,12 @@ the first N concepts of the world taken in turn by kind (person, event, colour; 
 each with the run's per-concept settings for its kind, are folded and exported together, then scored
 on compare's evaluation rows: mean forget / retain / interference / summary score, the number of
 selected latents, the fold's rank (against vLLM's LoRA rank limit, ``--max-lora-rank``, 16 by
-default and at most 512). With ``--baseline PO``, PO (full fine-tuning, its learning rate x steps
-chosen on validation rows) is trained and scored on the same concepts. Writes OUT/many.json and
-OUT/many.md.
+default and at most 512). Each of ``--baselines`` (default PO; full fine-tuning, its learning rate x
+steps chosen on validation rows) is trained and scored on the same concepts. The number of latents
+is the union the patch edits (the recipe's per-concept top_n, or what edit.method auto/subspace
+chose on validation). Writes OUT/many.json and OUT/many.md.
 
-    python benchmarks/many.py recipes/demo.yaml --run runs/demo --out runs/many --counts 1,4,8,16
+    python benchmarks/many.py recipes/demo.yaml --run runs/demo --out runs/many --baselines PO,NPO
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sauce_export.compare import (
     validation_set,
 )
 from sauce_export.data import Concept, read_rows
-from sauce_export.evaluate.baselines import encode_train_data
+from sauce_export.evaluate.baselines import METHODS, encode_train_data
 from sauce_export.evaluate.metrics import METRICS
 from sauce_export.lm import load_model
 from sauce_export.patch import Patch
@@ -70,9 +71,12 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--counts", default="1,4,8,16")
-    parser.add_argument("--baseline", choices=("PO", "none"), default="PO")
+    parser.add_argument("--baselines", default="PO", help="comma list of GA, GD, KL, PO, NPO (empty: none)")
     parser.add_argument("--max-lora-rank", type=int, default=VLLM_RANK_LIMIT)
     args = parser.parse_args()
+    baselines = [m for m in args.baselines.split(",") if m]
+    if set(baselines) - set(METHODS):
+        parser.error(f"--baselines {args.baselines!r}: use {', '.join(METHODS)}")
     recipe = load_recipe(args.recipe)
     world = json.loads((Path(recipe.data.train).parent / "world.json").read_text())
     by_kind = {e.kind: e for e in recipe.concepts}
@@ -103,7 +107,7 @@ def main() -> int:
         scored = evals.score(load_model(sauce["path"], where="export").model, original)
         row: dict[str, Any] = {
             "concepts": [str(c) for c in concepts],
-            "latents": sum(e.top_n or 0 for e in entries),
+            "latents": len(patch.description.get("features", [])) or sum(e.top_n or 0 for e in entries),
             "fold": patch.description.get("method"),
             "rank": patch.max_rank(),
             "fits_vllm": patch.max_rank() <= args.max_lora_rank,
@@ -113,23 +117,24 @@ def main() -> int:
                 "seconds": seconds,
             },
         }
-        if args.baseline == "PO":
+        if baselines:
             budget = {"batch_size": 16, "beta": 0.1, "seed": 0}
             data = encode_train_data(lm, rows.forget, rows.retain, 60, 16, 0)
             valid = validation_set(lm, rows, validation, recipe.eval.batch_size, 0)
             reference = valid.score(lm.model, None)["concepts"]
-            tuned = tune(lm, data, "PO", False, (3e-4, 1e-3), (30, 60), valid, reference, budget)
-            po = evals.score(tuned.model, original)
-            row["PO (full)"] = {
-                **{m: mean(po["concepts"], m) for m in METRICS},
-                "score": po["score"],
+        for method in baselines:
+            tuned = tune(lm, data, method, False, (3e-4, 1e-3), (30, 60), valid, reference, budget)
+            scored = evals.score(tuned.model, original)
+            row[f"{method} (full)"] = {
+                **{m: mean(scored["concepts"], m) for m in METRICS},
+                "score": scored["score"],
                 "hparams": tuned.hparams,
                 "seconds": tuned.seconds,
             }
         result["counts"][str(n)] = row
         print(
-            f"{n} concepts: SAUCE {row['sauce']['score']:.3f}"
-            + (f", PO {row['PO (full)']['score']:.3f}" if "PO (full)" in row else "")
+            f"{n} concepts: "
+            + ", ".join(f"{k} {v['score']:.3f}" for k, v in row.items() if k == "sauce" or "(" in k)
         )
         (args.out / "many.json").write_text(json.dumps(result, indent=1))
         (args.out / "many.md").write_text(markdown(result))
@@ -153,14 +158,15 @@ def markdown(result: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     for n, row in result["counts"].items():
-        for method in ("sauce", "PO (full)"):
-            if method not in row:
-                continue
+        for method in [k for k in row if k == "sauce" or k.endswith("(full)")]:
             m = row[method]
             sauce = method == "sauce"
+            name = method.split()[0]
             cells = [
                 n,
-                "SAUCE (exported)" if sauce else f"PO full {m['hparams']['lr']:g} x {m['hparams']['steps']}",
+                "SAUCE (exported)"
+                if sauce
+                else f"{name} full {m['hparams']['lr']:g} x {m['hparams']['steps']}",
                 str(row["latents"]) if sauce else "-",
                 f"{row['rank']} ({row['fold']})" if sauce else "-",
                 *(fmt(m[k]) for k in ("forget_acc", "retain_acc", "interference_acc", "score")),

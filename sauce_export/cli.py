@@ -265,6 +265,12 @@ def _add_attack(sub: Any) -> None:
     att.add_argument("--batch-size", type=int, default=16, help="relearning rows per step (default 16)")
     att.add_argument("--unrelated-rows", type=int, default=16, help="pool of unrelated relearning rows")
     att.add_argument("--quant", default="int8,int4", help="comma list of int8, int4 (or empty)")
+    att.add_argument(
+        "--gguf", default="", help="comma list of f32, q8_0, q4_0, q4_k_m: through llama.cpp (make compat)"
+    )
+    att.add_argument(
+        "--caption", action="store_true", help="also the removed persons described instead of shown"
+    )
     att.add_argument("--seed", type=int, default=0, help="data order, LoRA init and context seed")
     att.add_argument("--utility", type=Path, help="JSONL rows for the utility column (as for compare)")
     _add_threads(att)
@@ -302,11 +308,15 @@ def _numbers(
 def _attack(args: argparse.Namespace) -> int:
     from sauce_export.attack import attack
     from sauce_export.evaluate.attacks import QUANT_BITS, AttackConfig
+    from sauce_export.evaluate.gguf import GGUF_QUANTS
     from sauce_export.recipe import load_recipe
 
     quant = tuple(q for q in args.quant.split(",") if q)
     if set(quant) - set(QUANT_BITS):
         raise InputError("attack", "--quant", f"{args.quant!r}: use {', '.join(QUANT_BITS)}")
+    gguf = tuple(q for q in args.gguf.split(",") if q)
+    if set(gguf) - set(GGUF_QUANTS):
+        raise InputError("attack", "--gguf", f"{args.gguf!r}: use {', '.join(GGUF_QUANTS)}")
     if args.batch_size < 1 or args.unrelated_rows < 1:
         raise InputError("attack", "--batch-size/--unrelated-rows", "must be positive")
     _set_threads(args, "attack")
@@ -321,7 +331,7 @@ def _attack(args: argparse.Namespace) -> int:
     )
     recipe = load_recipe(args.recipe)
     log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    attack(recipe, args.model, args.out, cfg, utility=args.utility, log=log)
+    attack(recipe, args.model, args.out, cfg, utility=args.utility, gguf=gguf, caption=args.caption, log=log)
     print(args.out / "attack.md")
     return 0
 

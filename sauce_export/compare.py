@@ -132,7 +132,12 @@ class EvalSet:
     encoded: list[Batch]
 
     def score(self, model: torch.nn.Module, original: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
-        ok = correctness(model, self.encoded)
+        return self.score_correct(correctness(model, self.encoded), original)
+
+    def score_correct(
+        self, ok: dict[str, bool], original: dict[str, dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """The score from row correctness found elsewhere (llama.cpp's: evaluate/gguf.py)."""
         per = {name: concept_metrics(ok, sel) for name, sel in self.selections.items()}
         result: dict[str, Any] = {
             "concepts": per,

@@ -26,6 +26,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -288,6 +289,12 @@ def paraphrased(
     return {"concepts": swap, "score": sum(scores) / len(scores)}
 
 
+def worst_attack(attacks: dict[str, dict[str, Any]]) -> str:
+    """The attack with the lowest score: the robust score is the score after it (an attack scored
+    None - the original model could not answer its prompts either - does not count)."""
+    return min((n for n in attacks if attacks[n]["score"] is not None), key=lambda n: attacks[n]["score"])
+
+
 def attack_model(
     model: nn.Module,
     data: AttackData,
@@ -342,7 +349,7 @@ def attack_model(
                 name = f"relearn {data_name} {'LoRA' if lora else 'full'} {steps}"
                 attacks[name] = {**worst, "lr": lr, "seconds": seconds}
                 log(f"{name}: score {worst['score']:.3f} (lr {lr:g})")
-    worst_name = min(attacks, key=lambda n: attacks[n]["score"])
+    worst_name = worst_attack(attacks)
     probes = {}
     for probe in data.probes:
         read = probe.read(model)
@@ -358,4 +365,51 @@ def attack_model(
         "robust_score": attacks[worst_name]["score"],
         "worst_attack": worst_name,
         "probes": probes,
+    }
+
+
+# ---------------------------------------------------------------------------- captions (VLM)
+CAPTIONS = {
+    "caption describe": "Who is the {profession} from {hometown}?",
+    "caption describe, blank image": "The person in the picture is the {profession} from {hometown}. "
+    "Who is in the picture?",
+}
+"""A person described by their world attributes instead of shown; the answer is their name."""
+
+
+def caption_selections(
+    persons: Sequence[dict[str, str]], facts: Sequence[Row], concepts: Sequence[Concept], blank: Path
+) -> dict[str, dict[str, dict[str, list[Row]]]]:
+    """Per caption attack, per removed person: forget = the prompts about them, retain = the same
+    prompts about every other person. ``caption describe*`` name the person's profession and town
+    (text only, or under a blank image) and ask who it is; ``caption name`` asks the world's text
+    fact questions by the person's name (``facts``): the person reached through words, not a picture."""
+    removed = [c for c in concepts if c.kind == "person"]
+    described = {
+        attack: [
+            Row(
+                id=f"{attack}|{p['name']}",
+                prompt=template.format(**p),
+                answer=p["name"],
+                image=blank if "blank" in attack else None,
+                labels={"person": p["name"]},
+                question_kind="person",
+                split="caption",
+            )
+            for p in persons
+        ]
+        for attack, template in CAPTIONS.items()
+    }
+    described["caption name"] = [r for r in facts if "person" in r.labels and r.subject != "person"]
+    return {
+        attack: {
+            str(c): {
+                "forget_acc": [r for r in rows if c.matches(r)],
+                "generality_acc": [],
+                "retain_acc": [r for r in rows if not any(x.matches(r) for x in removed)],
+                "interference_acc": [],
+            }
+            for c in removed
+        }
+        for attack, rows in described.items()
     }
