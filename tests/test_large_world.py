@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sauce_export.cli import main as cli
 from sauce_export.data import MULTIHOP_SPLIT, Concept, read_rows
@@ -17,7 +18,8 @@ from sauce_export.lm import load_model
 from sauce_export.world.facts import FactWorldConfig
 from sauce_export.world.train import accuracy_by_kind
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "world-llama-large"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "world-llama-large"
 
 
 def build(out: Path, seed: int) -> Path:
@@ -92,3 +94,22 @@ def test_shipped_large_model_answers_its_world(world: Path) -> None:
     accuracy = accuracy_by_kind(load_model(str(SHIPPED)), rows)
     assert {k.split("/")[0] for k in accuracy} == {"validation", MULTIHOP_SPLIT}
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+@pytest.mark.slow
+def test_large_recipe_removes_an_organiser_and_its_multi_hop_route(world: Path, tmp_path: Path) -> None:
+    """recipes/large.yaml end to end on the shipped model: every choice on validation rows, every
+    verify gate passed, and multi-hop accuracy reported for each variant of the exported run."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "large.yaml").read_text())
+    recipe["model"] = str(SHIPPED)
+    recipe["data"] = {k: str(world / f"{k}.jsonl") for k in ("train", "validation", "eval")}
+    assert set(recipe) == {"model", "concepts", "data"}
+    path = tmp_path / "large.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli(["--quiet", "run", str(path), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["gates"]["passed"]
+    metrics = report["concepts"][0]["metrics"]
+    assert metrics["original"]["multihop_acc"] >= 0.9
+    assert all(metrics[v]["multihop_acc"] is not None for v in ("hooked", "folded", "exported"))
+    assert metrics["exported"]["multihop_acc"] <= 0.5  # not reachable through the festival either
