@@ -13,8 +13,10 @@ import yaml
 
 from sauce_export.cli import main as cli
 from sauce_export.data import MULTIHOP_SPLIT, Concept, read_rows
+from sauce_export.evaluate import attacks
 from sauce_export.evaluate.metrics import metric_rows
 from sauce_export.lm import load_model
+from sauce_export.report import result_table
 from sauce_export.world.facts import FactWorldConfig
 from sauce_export.world.train import accuracy_by_kind
 
@@ -113,3 +115,26 @@ def test_large_recipe_removes_an_organiser_and_its_multi_hop_route(world: Path, 
     assert metrics["original"]["multihop_acc"] >= 0.9
     assert all(metrics[v]["multihop_acc"] is not None for v in ("hooked", "folded", "exported"))
     assert metrics["exported"]["multihop_acc"] <= 0.5  # not reachable through the festival either
+
+
+def test_multi_hop_is_scored_as_a_prompt_attack_and_reported() -> None:
+    """The multihop attack puts the multi-hop questions in forget's place (score against the
+    original's multi-hop accuracy); the run's table gains the column only where the data has it."""
+    original = {
+        "person:P": {"forget_acc": 1.0, "retain_acc": 1.0, "interference_acc": 1.0, "multihop_acc": 1.0}
+    }
+    plain = {"concepts": {"person:P": {**original["person:P"], "forget_acc": 0.0, "multihop_acc": 0.5}}}
+    assert attacks.paraphrased(plain, original, "multihop_acc")["score"] == pytest.approx(
+        3 / 4
+    )  # harmonic mean of 0.5, 1, 1
+    plain["concepts"]["person:P"]["multihop_acc"] = 0.0
+    assert attacks.paraphrased(plain, original, "multihop_acc")["score"] == pytest.approx(1.0)
+    concept = {
+        "kind": "person",
+        "name": "P",
+        "chance_acc": 0.125,
+        "metrics": {"original": original["person:P"]},
+    }
+    assert "multihop_acc" in result_table({"concepts": [concept]}).splitlines()[0]
+    del original["person:P"]["multihop_acc"]
+    assert "multihop_acc" not in result_table({"concepts": [concept]}).splitlines()[0]
