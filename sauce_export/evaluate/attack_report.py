@@ -38,6 +38,23 @@ def attack_table(methods: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def robust_within(attacked: dict[str, Any], steps: int) -> float:
+    """The score after the worst attack with at most ``steps`` relearning steps (every attack that
+    does not relearn counts): how robust a model is to a lighter attacker than the full budget."""
+    found = attacked["attacks"]["attacks"]
+    return min(
+        p["score"]
+        for n, p in found.items()
+        if not n.startswith("relearn ") or int(n.rsplit(" ", 1)[1]) <= steps
+    )
+
+
+def fewest_steps(attacked: dict[str, Any]) -> int | None:
+    """The smallest relearning step count among a result's attacks (None without relearning)."""
+    counts = [int(n.rsplit(" ", 1)[1]) for n in attacked["attacks"]["attacks"] if n.startswith("relearn ")]
+    return min(counts) if counts else None
+
+
 def relearn_curves(attacked: dict[str, Any], data: str, mode: str) -> tuple[list[int], list[float]]:
     """(steps, mean forget) of one method's relearning on ``data`` (concept / unrelated) in ``mode``
     (full / LoRA), starting from its score without an attack at step 0."""
