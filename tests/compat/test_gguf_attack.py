@@ -42,11 +42,12 @@ def test_gguf_attack_f32_matches_torch_and_quantizes(
 def test_attack_cli_reports_gguf(demo_vlm: Path, llama_python: Path, tmp_path: Path) -> None:
     out = tmp_path / "attack"
     args = ["--quiet", "attack", str(ROOT / "recipes" / "demo.yaml"), "--model", str(demo_vlm),
-            "--out", str(out), "--gguf", "f32,q4_0", "--quant", "int4", "--lrs-full", "", "--lrs-lora", ""]  # fmt: skip
+            "--out", str(out), "--gguf", "q4_0", "--quant", "int4", "--lrs-full", "", "--lrs-lora", ""]  # fmt: skip
     assert main(args) == 0
     result = json.loads((out / "attack.json").read_text())
     attacks = result["attacks"]
-    assert {"gguf f32", "gguf q4_0", "int4"} <= set(attacks)
-    assert abs(attacks["gguf f32"]["score"] - result["plain"]["score"]) < 0.02  # same rows, same answers
+    assert {"gguf q4_0", "int4"} <= set(attacks)
+    # the demo export answers the same under q4_0 as in torch (0.996 both, docs/attack.md)
+    assert abs(attacks["gguf q4_0"]["score"] - result["plain"]["score"]) < 0.02
     assert result["robust_score"] == min(a["score"] for a in attacks.values())
     assert "| gguf q4_0 |" in (out / "attack.md").read_text()
