@@ -29,7 +29,7 @@ from sauce_export.compare import (
     train_validation,
     utility_rows,
 )
-from sauce_export.data import read_rows
+from sauce_export.data import Row, read_rows
 from sauce_export.errors import InputError
 from sauce_export.evaluate.attacks import AttackConfig, caption_selections, worst_attack
 from sauce_export.evaluate.gguf import gguf_correctness, llama_python
@@ -74,7 +74,9 @@ def attack(
             }
             log(f"gguf {q}: score {attacked['attacks'][f'gguf {q}']['score']:.3f}")
     if caption:
-        attacked["attacks"].update(caption_attacks(recipe, rows, persons, original, model, out, log))
+        attacked["attacks"].update(
+            caption_attacks(recipe, rows, eval_rows, persons, original, model, out, log)
+        )
     if gguf or caption:
         attacked["worst_attack"] = worst_attack(attacked["attacks"])
         attacked["robust_score"] = attacked["attacks"][attacked["worst_attack"]]["score"]
@@ -114,6 +116,7 @@ def world_persons(recipe: Recipe) -> list[dict[str, str]]:
 def caption_attacks(
     recipe: Recipe,
     rows: SettingRows,
+    eval_rows: Sequence[Row],
     persons: list[dict[str, str]],
     original: LoadedModel,
     model: nn.Module,
@@ -128,7 +131,7 @@ def caption_attacks(
     facts, _ = utility_rows(recipe, None)
     chosen = caption_selections(persons, facts, rows.concepts, blank)
     if original.is_vlm:
-        first = next(r.image for r in read_rows(recipe.data.eval) if r.image is not None)
+        first = next(r.image for r in eval_rows if r.image is not None)
         out.mkdir(parents=True, exist_ok=True)
         with Image.open(first) as img:
             Image.new("RGB", img.size, (128, 128, 128)).save(blank)
