@@ -377,14 +377,18 @@ def run_llama_cpp(
         "out": str(workdir), "new_tokens": new_tokens, "no_extra_bufts": no_extra_bufts,
         "n_ctx": 256, "threads": min(2, os.cpu_count() or 1),
     }  # fmt: skip
-    done = subprocess.run(
-        [python, "-c", _LLAMA_RUNNER], input=json.dumps(job), capture_output=True, text=True
-    )
+    res = run_llama_script(python, _LLAMA_RUNNER, job, gguf.name)
+    return [np.load(workdir / f"logits_{i}.npy") for i in range(len(ids))], res
+
+
+def run_llama_script(python: str, script: str, job: dict[str, Any], what: str) -> dict[str, Any]:
+    """Run ``script`` with the llama-cpp-python environment's ``python`` (no torch there), ``job`` as
+    JSON on stdin; its last stdout line is the JSON result. A ConversionError with the output's tail."""
+    done = subprocess.run([python, "-c", script], input=json.dumps(job), capture_output=True, text=True)
     if done.returncode:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
-        raise ConversionError(f"llama_cpp failed on {gguf.name} (exit {done.returncode}):\n{tail}")
-    res = json.loads(done.stdout.strip().splitlines()[-1])
-    return [np.load(workdir / f"logits_{i}.npy") for i in range(len(ids))], res
+        raise ConversionError(f"llama.cpp failed on {what} (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def check_gguf(

@@ -14,7 +14,6 @@ projected image features are fed to llama.cpp as embeddings at the image tokens'
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from sauce_export.architectures import spec_for
-from sauce_export.convert import ConversionError, convert_gguf
+from sauce_export.convert import ConversionError, convert_gguf, run_llama_script
 from sauce_export.errors import InputError
 from sauce_export.lm import Batch
 
@@ -184,11 +183,7 @@ def gguf_correctness(
             "features": str(work / "features.npy") if feats is not None else None,
             "n_ctx": max(64, n_ctx), "threads": 1,
         }  # fmt: skip
-        done = subprocess.run([python, "-c", _RUNNER], input=json.dumps(job), capture_output=True, text=True)
-        if done.returncode:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
-            raise ConversionError(f"llama.cpp failed on {q} (exit {done.returncode}):\n{tail}")
-        ok = json.loads(done.stdout.strip().splitlines()[-1])["ok"]
+        ok = run_llama_script(python, _RUNNER, job, q)["ok"]
         facts = {
             "bytes": Path(job["gguf"]).stat().st_size,
             "seconds": round(time.perf_counter() - start, 2),
