@@ -83,13 +83,40 @@ def test_classifier_recognises_unseen_renders() -> None:
 
 def test_shipped_pipeline_generates_what_it_is_asked() -> None:
     """The original's quality, which every retain gate is relative to (models/world-diffusion.json:
-    style 1.00, object 0.77 on 96 validation rows): styles always, objects mostly."""
+    style 1.000, object 1.000 on 96 validation rows): a retain gate on blurred objects that sit on
+    the classifier's boundary would pass or fail on float noise."""
     rows = W.rows("validation", 1)[::2]
     judged = metrics.generate(M.load_pipeline(PIPELINE), rows, M.load_classifier(CLASSIFIER), progress=False)
     acc = metrics.accuracy(rows, judged)
-    assert acc["style"] >= 0.95 and acc["object"] >= 0.6, acc
+    assert acc["style"] >= 0.95 and acc["object"] >= 0.9, acc
     record = json.loads((ROOT / "models" / "world-diffusion.json").read_text())
-    assert record["config"]["seed"] == 0 and "train-diffusion" in record["command"]
+    assert record["config"]["init"] == str(PIPELINE.relative_to(ROOT))
+    assert all(f"--seed {record['config']['seed']}" in c for c in record["commands"])
+
+
+def test_training_continues_from_a_pipeline_folder(tmp_path: Path) -> None:
+    """``init`` loads the folder's weights: with lr 0 the saved UNet is the shipped one bit for bit
+    (weight decay is scaled by the lr, the moving average of equal weights is those weights), with
+    lr > 0 it moves."""
+    from safetensors.torch import load_file
+
+    shipped = load_file(PIPELINE / "unet" / "diffusion_pytorch_model.safetensors")
+    for lr, same in ((0.0, True), (1e-3, False)):
+        out = tmp_path / f"lr{lr}"
+        M.train_pipeline(
+            out, M.DiffusionTrainConfig(steps=2, batch_size=4, lr=lr, ema=0.0, init=str(PIPELINE)), False
+        )
+        saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        assert saved.keys() == shipped.keys()
+        assert all(torch.equal(saved[k], shipped[k]) for k in saved) is same
+        for config in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "unet/config.json"):
+            assert filecmp.cmp(out / config, PIPELINE / config, shallow=False), config
+    from sauce_export.cli import main
+
+    assert (
+        main(["--quiet", "world", "train-diffusion", "--out", str(tmp_path), "--init", str(tmp_path / "no")])
+        == 2
+    )
 
 
 def _random_sae(d_in: int, seed: int = 0) -> SAE:
@@ -294,7 +321,7 @@ def test_dry_run_plans_stable_diffusion_from_its_configs(
 def test_demo_diffusion_recipe_end_to_end(tmp_path: Path) -> None:
     """recipes/demo-diffusion.yaml end to end (about 6 minutes on a loaded 2-core machine): the
     project edit, chosen on validation rows, removes the style (measured: UA 1.000, IRA 1.000, CRA
-    0.958 of the original's on evaluation rows) and its exact fold makes the exported pipeline and
+    0.977 of the original's on evaluation rows) and its exact fold makes the exported pipeline and
     the LoRA file generate the hooked images (measured MSE 1e-13)."""
     from sauce_export.diffusion.recipe import load_diffusion_recipe
     from sauce_export.diffusion.run import DiffusionRun
@@ -307,7 +334,7 @@ def test_demo_diffusion_recipe_end_to_end(tmp_path: Path) -> None:
     assert concept["edit"] == "project"
     m = concept["metrics"]
     assert m["hooked"]["ua"] >= 0.9 and m["hooked"]["ira"] >= 0.95 * m["original"]["ira"]
-    assert m["hooked"]["cra"] >= 0.9 * m["original"]["cra"]  # 0.958 measured; margin for other CPUs
+    assert m["hooked"]["cra"] >= 0.95 * m["original"]["cra"]  # 0.977 measured: 3.4 images over the bar
     for v in ("exported", "lora"):
         assert report["fidelity"][v]["agreement"] == 1.0 and report["fidelity"][v]["mse"] < 1e-8
     assert (tmp_path / "run" / "grid.png").is_file()

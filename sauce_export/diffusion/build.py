@@ -13,6 +13,7 @@ import torch
 from sauce_export.diffusion import metrics
 from sauce_export.diffusion import model as M
 from sauce_export.diffusion import world as W
+from sauce_export.errors import InputError
 from sauce_export.fsutil import atomic_dir
 
 PIPELINE = "world-diffusion"
@@ -23,6 +24,8 @@ def train_world_diffusion(out: Path, cfg: M.DiffusionTrainConfig, progress: bool
     """Write ``out/world-diffusion`` (IFPipeline folder), ``out/world-diffusion-classifier`` and
     ``out/world-diffusion.json`` (config, seconds, losses, accuracies)."""
     torch.set_num_threads(cfg.threads)
+    if cfg.init and not (Path(cfg.init) / "model_index.json").is_file():
+        raise InputError(cfg.init, "--init", "not a pipeline folder (no model_index.json)")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with atomic_dir(out / PIPELINE, overwrite=True) as tmp:
@@ -40,6 +43,11 @@ def train_world_diffusion(out: Path, cfg: M.DiffusionTrainConfig, progress: bool
     report["original_accuracy_validation"] = metrics.accuracy(rows, judged)
     report["sampling"] = asdict(M.Sampling())
     report["seconds_total"] = round(time.time() - start, 1)
-    report["command"] = f"sauce-export world train-diffusion --out {out} --seed {cfg.seed}"
+    flags = "".join(
+        f" --{k.replace('_', '-')} {v}"
+        for k, v in asdict(cfg).items()
+        if v != getattr(M.DiffusionTrainConfig, k)
+    )
+    report["command"] = f"sauce-export world train-diffusion --out {out}{flags}"
     (out / f"{PIPELINE}.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
