@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/sauce-export
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-diffusion test test-slow bench lint world-models clean compat gpu-check
+.PHONY: demo demo-diffusion test test-slow bench lint world-models world-diffusion clean compat gpu-check
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,7 +27,7 @@ demo: $(STAMP) data/world/train.jsonl data/world-text/train.jsonl
 	$(CLI) run recipes/demo-text.yaml --out runs/demo-text || [ $$? -eq 1 ]
 	$(CLI) run recipes/demo-diffusion.yaml --out runs/demo-diffusion || [ $$? -eq 1 ]
 
-# SAeUron on the shipped text-to-image pipeline (docs/diffusion.md; about 6 minutes on 2 loaded
+# SAeUron on the shipped text-to-image pipeline (docs/diffusion.md; about 2 minutes on 2 idle
 # cores); also the last step of `demo`. Builds data/world-diffusion itself.
 demo-diffusion: $(STAMP)
 	$(CLI) run recipes/demo-diffusion.yaml --out runs/demo-diffusion || [ $$? -eq 1 ]
@@ -59,6 +59,12 @@ lint: $(STAMP)
 # Rebuild the shipped demo checkpoints from their seed (about 10 minutes on 2 CPU cores).
 world-models: $(STAMP) data/world/train.jsonl
 	$(CLI) world train --world data/world --out models
+
+# Rebuild the shipped text-to-image pipeline and its classifier: seed 1, then a lower-lr continuation
+# (about 20 minutes on 2 CPU cores; why this seed: models/world-diffusion.json, docs/diffusion.md).
+world-diffusion: $(STAMP)
+	$(CLI) world train-diffusion --out models --seed 1
+	$(CLI) world train-diffusion --out models --seed 1 --init models/world-diffusion --steps 1500 --lr 0.001
 
 clean:
 	rm -rf runs data/world
