@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory, small_recipe: dict) -> dict[i
     for ranks in (1, 2):
         out[ranks] = tmp / f"ranks-{ranks}"
         done = _run(path, out[ranks], ranks)
-        assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: a gate of the untrained model
+        # 1: a gate of the untrained model; torchrun also exits 1 when a rank dies, hence the report.
+        # Once in ~10 full suites a 2-rank run died without a report (not reproduced alone in 5 runs;
+        # suspect: the rendezvous port race of --standalone): one retry, with the failure as a warning.
+        if ranks > 1 and not (out[ranks] / "report.json").is_file():
+            warnings.warn(
+                f"2-rank run retried after exit {done.returncode}: {done.stderr[-2000:]}", stacklevel=1
+            )
+            done = _run(path, out[ranks], ranks)
+        finished = done.returncode in (0, 1) and (out[ranks] / "report.json").is_file()
+        assert finished, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         out[ranks].joinpath("exit").write_text(str(done.returncode))
     return out
 
