@@ -64,7 +64,7 @@ world-models: $(STAMP) data/world/train.jsonl
 # (about 20 minutes on 2 CPU cores; why this seed: models/world-diffusion.json, docs/diffusion.md).
 world-diffusion: $(STAMP)
 	$(CLI) world train-diffusion --out models --seed 1
-	$(CLI) world train-diffusion --out models --seed 1 --init models/world-diffusion --steps 1500 --lr 0.001
+	$(CLI) world train-diffusion --out models --seed 1 --steps 1500 --lr 0.001 --init models/world-diffusion
 
 clean:
 	rm -rf runs data/world

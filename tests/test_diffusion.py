@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,14 +98,15 @@ def test_shipped_pipeline_generates_what_it_is_asked() -> None:
 def test_training_continues_from_a_pipeline_folder(tmp_path: Path) -> None:
     """``init`` loads the folder's weights: with lr 0 the saved UNet is the shipped one bit for bit
     (weight decay is scaled by the lr, the moving average of equal weights is those weights), with
-    lr > 0 it moves."""
+    lr > 0 it moves, unless the saved average never moves (ema 1). The CLI's record of a
+    continuation lists the commands of the run it continued, then its own."""
     from safetensors.torch import load_file
 
     shipped = load_file(PIPELINE / "unet" / "diffusion_pytorch_model.safetensors")
-    for lr, same in ((0.0, True), (1e-3, False)):
-        out = tmp_path / f"lr{lr}"
+    for lr, ema, same in ((0.0, 0.0, True), (1e-3, 0.0, False), (1e-3, 1.0, True)):
+        out = tmp_path / f"lr{lr}-ema{ema}"
         M.train_pipeline(
-            out, M.DiffusionTrainConfig(steps=2, batch_size=4, lr=lr, ema=0.0, init=str(PIPELINE)), False
+            out, M.DiffusionTrainConfig(steps=2, batch_size=4, lr=lr, ema=ema, init=str(PIPELINE)), False
         )
         saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
         assert saved.keys() == shipped.keys()
@@ -117,6 +119,16 @@ def test_training_continues_from_a_pipeline_folder(tmp_path: Path) -> None:
         main(["--quiet", "world", "train-diffusion", "--out", str(tmp_path), "--init", str(tmp_path / "no")])
         == 2
     )
+    models = tmp_path / "models"
+    shutil.copytree(PIPELINE, models / PIPELINE.name)
+    shutil.copy(ROOT / "models" / "world-diffusion.json", models)
+    init = str(models / PIPELINE.name)
+    args = ["--out", str(models), "--seed", "1", "--steps", "2", "--batch-size", "4", "--init", init]
+    assert main(["--quiet", "world", "train-diffusion", *args]) == 0
+    before = json.loads((ROOT / "models" / "world-diffusion.json").read_text())
+    after = json.loads((models / "world-diffusion.json").read_text())
+    assert after["commands"] == [*before["commands"], "sauce-export world train-diffusion " + " ".join(args)]
+    assert after["init_record"]["config"] == before["config"]
 
 
 def _random_sae(d_in: int, seed: int = 0) -> SAE:

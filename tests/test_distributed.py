@@ -46,8 +46,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, small_recipe: dict) -> dict[i
         out[ranks] = tmp / f"ranks-{ranks}"
         done = _run(path, out[ranks], ranks)
         # 1: a gate of the untrained model; torchrun also exits 1 when a rank dies, hence the report.
-        # Once in ~10 full suites a 2-rank run died without a report (not reproduced alone in 5 runs;
-        # suspect: the rendezvous port race of --standalone): one retry, with the failure as a warning.
+        # In one of three fresh-clone CI runs (3 Dec 2026) a 2-rank run died without a report (not
+        # reproduced in 9 runs alone nor in a full run; cause unknown, suspect: the rendezvous port race
+        # of --standalone): one retry, with the failure and torchrun's stderr as a warning.
         if ranks > 1 and not (out[ranks] / "report.json").is_file():
             warnings.warn(
                 f"2-rank run retried after exit {done.returncode}: {done.stderr[-2000:]}", stacklevel=1

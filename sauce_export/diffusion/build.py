@@ -26,6 +26,9 @@ def train_world_diffusion(out: Path, cfg: M.DiffusionTrainConfig, progress: bool
     torch.set_num_threads(cfg.threads)
     if cfg.init and not (Path(cfg.init) / "model_index.json").is_file():
         raise InputError(cfg.init, "--init", "not a pipeline folder (no model_index.json)")
+    # a continuation keeps the record of the run it continues, so the JSON says how to rebuild it all
+    earlier_path = Path(cfg.init).parent / f"{PIPELINE}.json" if cfg.init else None
+    earlier = json.loads(earlier_path.read_text()) if earlier_path and earlier_path.is_file() else {}
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with atomic_dir(out / PIPELINE, overwrite=True) as tmp:
@@ -48,6 +51,11 @@ def train_world_diffusion(out: Path, cfg: M.DiffusionTrainConfig, progress: bool
         for k, v in asdict(cfg).items()
         if v != getattr(M.DiffusionTrainConfig, k)
     )
-    report["command"] = f"sauce-export world train-diffusion --out {out}{flags}"
+    report["commands"] = [
+        *earlier.get("commands", []),
+        f"sauce-export world train-diffusion --out {out}{flags}",
+    ]
+    if earlier:
+        report["init_record"] = {k: earlier[k] for k in ("config", "seconds", "original_accuracy_validation")}
     (out / f"{PIPELINE}.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
